@@ -50,8 +50,18 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     the newest checkpoint in ``out_dir``; the config must equal the saved one.
     """
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    _prepare_run_dir(out, cfg, resume=resume)
     fabric = make_fabric(cfg.fabric)
+    # Under DDP every process runs this function; only rank 0 touches the folder, and its
+    # verdict is shared so that no process is left waiting for one that failed.
+    problem = None
+    if fabric.global_rank == 0:
+        try:
+            _prepare_run_dir(out, cfg, resume=resume)
+        except RunDirError as err:
+            problem = str(err)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise RunDirError(problem)
     t_start = time.perf_counter()
 
     splits, student_train = load_data(cfg.data)
@@ -96,7 +106,7 @@ def obtain_teacher(cfg: RunConfig, splits, fabric, *, quiet: bool = False) -> to
     key = teacher_cache_key(cfg)
     cache = Path(cfg.teacher.cache_dir)
     weights = cache / f"{cfg.teacher.name}-{key}.safetensors"
-    if not weights.is_file():
+    if not fabric.broadcast(weights.is_file(), src=0):
         _train_teacher(cfg, splits, fabric, weights, quiet=quiet)
     model = make_model(cfg.teacher.model_copy(update={"weights": None}), splits, role="teacher")
     load_into(model, load_weights(weights, what="cached teacher"), source=f"cached teacher {weights}")

@@ -1,0 +1,135 @@
+"""The engine: data order, accumulation, exact resume, non-finite losses."""
+
+import shutil
+
+import pytest
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+from transfuse.checkpoint import latest_checkpoint, load_checkpoint
+from transfuse.data.base import ArrayDataset
+from transfuse.distiller import Distiller, Term
+from transfuse.engine import FitSettings, NonFiniteLossError, StepBatchSampler, fit
+from transfuse.losses import LOSSES, DistillLoss
+from transfuse.metrics_log import read_metrics
+from transfuse.optim import lr_at, make_optimizer
+from transfuse.teacher import Teacher
+
+
+def _data(n=256, d=6, classes=4):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return ArrayDataset(x, y)
+
+
+def _models(dropout=0.0):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 4))
+    teacher = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4))
+    return student, teacher
+
+
+def _distiller(student, teacher):
+    return Distiller(student, Teacher(teacher), [Term("ce", LOSSES.get("ce")(), 0.5), Term("kd", LOSSES.get("kd")(), 0.5)])
+
+
+def _fabric():
+    return Fabric(accelerator="cpu", devices=1)
+
+
+def _train(run_dir, *, steps=30, batch_size=32, accumulate=1, dropout=0.0, optim="adam", resume=False, student_teacher=None, **kw):
+    student, teacher = student_teacher or _models(dropout)
+    d = _distiller(student, teacher)
+    opt = make_optimizer(d.parameters(), name=optim, lr=0.05)
+    settings = FitSettings(steps=steps, batch_size=batch_size, accumulate=accumulate, base_lr=0.05, seed=3, log_every=5,
+                           checkpoint_every=kw.pop("checkpoint_every", 10), keep_checkpoints=10, progress=False, **kw)
+    fit(_fabric(), d, opt, _data(), settings, run_dir=run_dir, resume=resume)
+    return student
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    full = list(StepBatchSampler(100, batch_size=8, seed=1, end_step=30))
+    tail = list(StepBatchSampler(100, batch_size=8, seed=1, start_step=12, end_step=30))
+    assert full[12:] == tail
+    # Each epoch is a permutation: 12 full steps of 8 out of 100 samples, no repeats within an epoch.
+    epoch0 = [i for b in full[:12] for i in b]
+    assert len(set(epoch0)) == 96
+    assert full[:12] != full[12:24], "a new epoch reshuffles"
+
+
+def test_sampler_accumulation_and_ranks_partition_the_global_batch():
+    single = list(StepBatchSampler(64, batch_size=16, seed=0, end_step=3))
+    micro = list(StepBatchSampler(64, batch_size=8, accumulate=2, seed=0, end_step=3))
+    assert [a + b for a, b in zip(micro[::2], micro[1::2])] == single
+    r0 = list(StepBatchSampler(64, batch_size=16, seed=0, end_step=3, rank=0, world_size=2))
+    r1 = list(StepBatchSampler(64, batch_size=16, seed=0, end_step=3, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == single
+    with pytest.raises(ValueError, match="divisible"):
+        StepBatchSampler(64, batch_size=15, end_step=1, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one step"):
+        StepBatchSampler(10, batch_size=16, end_step=1)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    # SGD without momentum: the update is linear in the gradient, so the two runs must agree
+    # to float precision if the accumulated loss is scaled by 1/accumulate.
+    big = _train(tmp_path / "a", steps=8, batch_size=64, optim="sgd")
+    acc = _train(tmp_path / "b", steps=8, batch_size=16, accumulate=4, optim="sgd")
+    for p, q in zip(big.parameters(), acc.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    # Dropout makes the result depend on the RNG stream, so RNG state must be restored too.
+    full = _train(tmp_path / "full", steps=30, dropout=0.3)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    for ck in (part / "checkpoints").iterdir():
+        if ck.name not in ("step-00000010",):
+            shutil.rmtree(ck) if ck.is_dir() else ck.unlink()
+    resumed = _train(part, steps=30, dropout=0.3, resume=True, student_teacher=_models(0.3))
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    steps = [r["step"] for r in read_metrics(part / "metrics.jsonl") if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30], "resumed log must not repeat steps"
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _train(tmp_path, resume=True)
+
+
+class _NanAfter(DistillLoss):
+    uses_teacher = False
+    needs = ("target",)
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.calls, self.after = 0, after
+
+    def forward(self, student, teacher, target):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(student, target)
+        return loss * float("nan") if self.calls > self.after else loss
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    student, _ = _models()
+    d = Distiller(student, None, [Term("bad", _NanAfter(after=13))])
+    opt = make_optimizer(d.parameters(), name="adam", lr=0.01)
+    settings = FitSettings(steps=30, batch_size=32, checkpoint_every=5, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"at step 14 in term\(s\) bad=nan.*step-00000010") as err:
+        fit(_fabric(), d, opt, _data(), settings, run_dir=tmp_path)
+    assert err.value.step == 14
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(torch.isfinite(p).all() for p in student.parameters()), "the bad update was not applied"
+
+
+def test_lr_schedules():
+    assert lr_at(0, base_lr=1.0, total_steps=10, warmup_steps=4) == 0.25
+    assert lr_at(9, base_lr=1.0, total_steps=10) == 1.0
+    assert lr_at(0, base_lr=1.0, total_steps=10, schedule="cosine") == 1.0
+    assert abs(lr_at(5, base_lr=1.0, total_steps=10, schedule="cosine") - 0.5) < 1e-9
