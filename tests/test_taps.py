@@ -42,8 +42,15 @@ def test_unknown_path_names_close_matches():
 
 
 def test_tap_on_unused_module_fails_clearly():
-    net = _net()
-    net.unused = nn.Linear(2, 2)
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = _net(), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = WithSpare()
     taps = FeatureTaps(net, ["unused"])
     with taps:
         net(torch.randn(2, 4))
