@@ -1,0 +1,17 @@
+"""The model zoo: small classifiers for tests and benchmarks, and loaders for outside models.
+
+Registered names (``MODELS``): ``mlp``, ``cnn``, ``resnet``, ``wrn``, ``hf``, ``timm``,
+``torchvision``. Every built-in model maps ``(B, *input_shape)`` to logits
+``(B, num_classes)`` and declares ``feature_layer`` (penultimate embedding ``(B, D)``)
+and ``hint_layer`` (an intermediate map) as module paths; see ``docs/models-and-data.md``.
+"""
+
+from . import cnn, hf, mlp, resnet, vision  # noqa: F401  (importing registers the models)
+from .base import MODELS
+from .build import build_model
+from .cnn import SmallCNN
+from .hf import HFClassifier
+from .mlp import MLP
+from .resnet import CifarResNet, WideResNet
+
+__all__ = ["MODELS", "MLP", "CifarResNet", "HFClassifier", "SmallCNN", "WideResNet", "build_model"]

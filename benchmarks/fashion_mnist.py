@@ -1,0 +1,177 @@
+"""Classic distillation methods on Fashion-MNIST, three settings, several seeds.
+
+    python benchmarks/fashion_mnist.py                       # all settings, seeds 0 1 2
+    python benchmarks/fashion_mnist.py --settings lowlabel --seeds 0 --jobs 2
+
+One CNN teacher is trained on all 60k labelled images once and cached (every run of
+every setting reuses it). Then, per setting and seed, the same student is trained from
+labels only ("none", the baseline measured in the same command) and with each method at
+its paper's default weights; the hyper-parameters are the same for every seed. Results
+go to ``<out>/results.json`` and a markdown table ``<out>/results.md`` with
+mean ± std over seeds. Interrupted? Run the same command again: finished runs are kept.
+
+Needs the Debian package ``dataset-fashion-mnist`` (or ``--root`` pointing at the four
+IDX files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+TEACHER = {
+    "name": "cnn",
+    "options": {"channels": [32, 64], "hidden": 128},
+    "train": {"steps": 3000, "batch_size": 128, "seed": 0, "optim": {"name": "adam", "lr": 0.001}},
+}
+
+# name -> (student model, label_subset, methods). AT needs a spatial map on both sides, so
+# it runs only where the student is a CNN.
+SETTINGS = {
+    "full": ({"name": "mlp", "options": {"hidden": [128]}}, None),
+    "lowlabel": ({"name": "mlp", "options": {"hidden": [128]}}, 2000),
+    "cnn": ({"name": "cnn", "options": {"channels": [8, 16]}}, 5000),
+}
+METHODS = ["none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd"]
+SPATIAL_ONLY = {"at"}
+
+
+def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | None, cache: str) -> dict:
+    """The run config of one (setting, method, seed) cell."""
+    student, label_subset = SETTINGS[setting]
+    cfg = {
+        "name": f"{setting}-{method}-s{seed}",
+        "seed": seed,
+        "data": {"name": "fashion_mnist", "options": {"root": root} if root else {}, "label_subset": label_subset,
+                 "subset_seed": seed},
+        "student": student,
+        "teacher": {**TEACHER, "cache_dir": cache},
+        "distill": {"method": method},
+        "optim": {"name": "adam", "lr": 0.001},
+        "train": {"steps": steps, "batch_size": 128, "log_every": 100, "checkpoint_every": steps, "progress": False,
+                  "eval_batch_size": 2000},
+    }
+    if method == "dkd":
+        cfg["distill"]["warmup_steps"] = max(1, steps // 10)
+    return cfg
+
+
+def _one(args: tuple) -> dict:
+    cfg_dict, out_dir = args
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    from transfuse.config import config_from_dict
+    from transfuse.run import run
+
+    summary_path = Path(out_dir) / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    if Path(out_dir).exists():  # an interrupted cell: start it again from scratch
+        import shutil
+
+        shutil.rmtree(out_dir)
+    return run(config_from_dict(cfg_dict, source=cfg_dict["name"]), out_dir=out_dir, quiet=True)
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std; ± 0 for one value)."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(results: list[dict], seeds: list[int]) -> str:
+    """Markdown: one block per setting, one row per method, mean ± std over seeds."""
+    lines = []
+    for setting in SETTINGS:
+        rows = [r for r in results if r["setting"] == setting]
+        if not rows:
+            continue
+        student, subset = SETTINGS[setting]
+        teacher = rows[0]["summary"].get("teacher") or next((r["summary"]["teacher"] for r in rows if r["summary"]["teacher"]), None)
+        lines += [
+            f"### {setting}: student {student['name']} {student['options']}, "
+            f"{'all 60,000' if subset is None else f'{subset:,}'} labelled training images",
+            "",
+            f"Teacher: {TEACHER['name']} {TEACHER['options']}, {100 * teacher['accuracy']:.2f} % test accuracy." if teacher else "",
+            "",
+            "| method | accuracy % | Δ vs none | agreement % | ECE | train s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        base = [r["summary"]["student"]["accuracy"] * 100 for r in rows if r["method"] == "none"]
+        for method in METHODS:
+            cell = [r for r in rows if r["method"] == method]
+            if not cell:
+                continue
+            acc = [r["summary"]["student"]["accuracy"] * 100 for r in cell]
+            delta = [a - b for a, b in zip(acc, base)] if len(base) == len(acc) else []
+            agree = [r["summary"]["agreement"] * 100 for r in cell if r["summary"]["agreement"] is not None]
+            ece = [r["summary"]["student"]["ece"] for r in cell]
+            secs = [r["summary"]["train_wall_time_s"] for r in cell]
+            lines.append(
+                f"| {method} | {mean_std(acc)} | {mean_std(delta) if delta and method != 'none' else '-'} | "
+                f"{mean_std(agree) if agree else '-'} | {statistics.mean(ece):.3f} | {statistics.mean(secs):.0f} |"
+            )
+        lines.append("")
+    lines.append(f"Seeds: {', '.join(map(str, seeds))}. Δ is paired by seed (same data subset and initialisation).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=3000, help="student optimizer steps (batch 128)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--out", default="runs/bench-fashion-mnist")
+    p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--cache", default=".cache/transfuse/teachers")
+    args = p.parse_args(argv)
+
+    settings = args.settings.split(",")
+    methods = args.methods.split(",")
+    for s in settings:
+        if s not in SETTINGS:
+            p.error(f"unknown setting {s!r}; valid: {', '.join(SETTINGS)}")
+    out = Path(args.out)
+    cells = []
+    for setting in settings:
+        spatial = SETTINGS[setting][0]["name"] != "mlp"
+        for seed in args.seeds:
+            for method in methods:
+                if method in SPATIAL_ONLY and not spatial:
+                    continue
+                cfg = run_config(setting, method, seed, steps=args.steps, root=args.root, cache=args.cache)
+                cells.append(((setting, method, seed), (cfg, str(out / setting / f"{method}-s{seed}"))))
+
+    # The teacher is trained once, in this process, before the pool starts.
+    _one((run_config(settings[0], "kd", args.seeds[0], steps=1, root=args.root, cache=args.cache), str(out / "_teacher-warmup")))
+
+    t0 = time.perf_counter()
+    results = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(_one, job): key for key, job in cells}
+        for i, fut in enumerate(as_completed(futures), 1):
+            setting, method, seed = futures[fut]
+            summary = fut.result()
+            results.append({"setting": setting, "method": method, "seed": seed, "summary": summary})
+            print(f"[{i}/{len(cells)}] {setting:>8} {method:>6} seed {seed}: "
+                  f"{100 * summary['student']['accuracy']:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+    results.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), METHODS.index(r["method"]), r["seed"]))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = table(results, args.seeds)
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

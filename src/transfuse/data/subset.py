@@ -1,0 +1,47 @@
+"""Class-balanced subsets of a training split, for the low-label regime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _quotas(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Samples to take per class: as equal as the class sizes allow, summing to ``n``.
+
+    Water-filling: every class gets ``level`` samples (or all it has, if fewer), with the
+    largest ``level`` that fits; the few left over go one each to classes with samples to
+    spare, chosen at random so no class is favoured by its label.
+    """
+    level = 0
+    while level < int(counts.max()) and int(counts.clamp(max=level + 1).sum()) <= n:
+        level += 1
+    quotas = counts.clamp(max=level)
+    spare = (counts > quotas).nonzero().flatten()
+    left = n - int(quotas.sum())
+    chosen = spare[torch.randperm(len(spare), generator=generator)[:left]]
+    quotas[chosen] += 1
+    return quotas
+
+
+def stratified_subset(dataset: Any, n: int, *, seed: int) -> Any:
+    """``n`` samples of ``dataset``, as close to equally many per class as possible.
+
+    Deterministic for a ``seed``; which samples of a class are taken is random. Works on an
+    :class:`~transfuse.data.base.ArrayDataset`, or any dataset with ``targets`` ``(N,)``
+    and ``subset(indices)``. The subset's ``index`` field is renumbered from 0.
+    """
+    targets = torch.as_tensor(dataset.targets).long()
+    if not 1 <= n <= len(targets):
+        raise ValueError(f"stratified_subset: n must be in [1, {len(targets)}] (the dataset's size); got {n}")
+    generator = torch.Generator().manual_seed(int(seed))
+    classes, counts = torch.unique(targets, return_counts=True)  # sorted classes
+    quotas = _quotas(counts, n, generator)
+    picked = []
+    for cls, quota in zip(classes.tolist(), quotas.tolist()):
+        members = (targets == cls).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    # Ascending order keeps the subset in the dataset's original order.
+    indices = torch.cat(picked).sort().values
+    return dataset.subset(indices)

@@ -1,0 +1,206 @@
+"""Data sets: IDX files, Fashion-MNIST, digits, stratified subsets and bring-your-own data."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transfuse.data import (
+    DATASETS, ArrayDataset, IDXFormatError, collate_batch, from_datasets, from_tensors, load_dataset, read_idx,
+    stratified_subset,
+)
+from transfuse.data import fashion_mnist as fm
+from transfuse.registry import UnknownNameError
+
+
+def write_idx(path, array: np.ndarray, *, compress: bool) -> None:
+    """An unsigned-byte IDX file written by hand (independently of the reader under test)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+# --- IDX ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
+def test_read_idx_round_trip(tmp_path, compress):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("images.gz" if compress else "images")
+    write_idx(path, images, compress=compress)
+    np.testing.assert_array_equal(read_idx(path, ndim=3), images)
+
+
+def test_read_idx_rejects_bad_magic_naming_the_file(tmp_path):
+    path = tmp_path / "bogus-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
+    with pytest.raises(IDXFormatError, match="bogus-idx3-ubyte.*not an IDX file"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_wrong_rank_and_truncation(tmp_path):
+    path = tmp_path / "labels"
+    write_idx(path, np.zeros(5, dtype=np.uint8), compress=False)
+    with pytest.raises(IDXFormatError, match="3 dimension"):
+        read_idx(path, ndim=3)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(IDXFormatError, match="labels.*needs"):
+        read_idx(path)
+
+
+# --- Fashion-MNIST ------------------------------------------------------------------------
+
+
+def _fake_fashion_root(root, *, n_train=6, n_test=4, compress=True):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        suffix = ".gz" if compress else ""
+        write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress=compress)
+        write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, compress=compress)
+    return root
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
+def test_fashion_mnist_from_idx_files(tmp_path, compress):
+    root = _fake_fashion_root(tmp_path, compress=compress)
+    splits = DATASETS.get("fashion_mnist")(root=str(root))
+    assert (splits.num_classes, splits.input_shape) == (10, (1, 28, 28))
+    assert splits.train.inputs.shape == (6, 1, 28, 28) and splits.train.inputs.dtype == torch.float32
+    assert splits.test.targets.tolist() == [0, 1, 2, 3]
+    lowest = (0.0 - fm.MEAN) / fm.STD  # a black pixel after normalisation
+    assert splits.train.inputs.min().item() >= lowest - 1e-6
+    assert DATASETS.get("fashion_mnist")(root=str(root)).train.inputs is splits.train.inputs  # decoded once
+
+
+def test_fashion_mnist_missing_root_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
+        DATASETS.get("fashion_mnist")(root=str(tmp_path / "nowhere"))
+    assert "nowhere" in str(info.value) and "data.options.root" in str(info.value)
+
+
+def test_fashion_mnist_mismatched_counts(tmp_path):
+    root = _fake_fashion_root(tmp_path)
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(5), compress=True)
+    with pytest.raises(IDXFormatError, match="6 images.*5 labels"):
+        DATASETS.get("fashion_mnist")(root=str(root))
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def test_digits_shapes_and_stratified_split():
+    splits = load_dataset("digits")
+    x, y = splits.train.inputs, splits.train.targets
+    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 and splits.input_shape == (1, 8, 8)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert len(splits.train) + len(splits.test) == 1797 and len(splits.test) == 450
+    share = torch.bincount(splits.test.targets, minlength=10) / torch.bincount(y, minlength=10)
+    assert share.min() > 0.3 and share.max() < 0.37  # every class held out at about 1/3 of train
+
+
+def test_digits_split_is_deterministic_per_seed():
+    a, b, c = load_dataset("digits"), load_dataset("digits"), load_dataset("digits", split_seed=1)
+    assert torch.equal(a.test.inputs, b.test.inputs)
+    assert not torch.equal(a.test.inputs, c.test.inputs)
+
+
+def test_load_dataset_checks_names_and_options():
+    with pytest.raises(ValueError, match="'test_fractoin'"):
+        load_dataset("digits", test_fractoin=0.5)
+    with pytest.raises(UnknownNameError, match="digits"):
+        load_dataset("digitz")
+
+
+# --- stratified subsets -------------------------------------------------------------------
+
+
+def test_stratified_subset_is_balanced_and_deterministic():
+    train = load_dataset("digits").train
+    small = stratified_subset(train, 53, seed=0)
+    counts = torch.bincount(small.targets, minlength=10)
+    assert len(small) == 53 and counts.min() == 5 and counts.max() == 6
+    assert torch.equal(small.inputs, stratified_subset(train, 53, seed=0).inputs)
+    assert not torch.equal(small.inputs, stratified_subset(train, 53, seed=1).inputs)
+    assert small[0]["index"] == 0  # renumbered
+
+
+def test_stratified_subset_fills_from_larger_classes():
+    targets = torch.tensor([0] * 2 + [1] * 10 + [2] * 10)
+    data = ArrayDataset(torch.arange(22.0).unsqueeze(1), targets)
+    counts = torch.bincount(stratified_subset(data, 12, seed=3).targets)
+    assert counts.tolist() == [2, 5, 5]
+    with pytest.raises(ValueError, match="n must be"):
+        stratified_subset(data, 23, seed=0)
+
+
+# --- bring your own -----------------------------------------------------------------------
+
+
+def test_npz_round_trip(tmp_path):
+    path = tmp_path / "mine.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.normal(size=(10, 3)), y_train=np.arange(10) % 4,
+             x_test=rng.normal(size=(5, 3)), y_test=np.arange(5) % 4)
+    splits = load_dataset("npz", path=str(path))
+    assert (splits.num_classes, splits.input_shape, len(splits.train), len(splits.test)) == (4, (3,), 10, 5)
+    assert splits.train.inputs.dtype == torch.float32  # float64 arrays become float32
+
+
+def test_npz_missing_key_names_file_and_key(tmp_path):
+    path = tmp_path / "partial.npz"
+    np.savez(path, x_train=np.zeros((2, 3)), y_train=np.zeros(2, dtype=int), x_test=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="partial.npz.*'y_test'"):
+        load_dataset("npz", path=str(path))
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        load_dataset("npz", path=str(tmp_path / "absent.npz"))
+
+
+def test_from_tensors_checks_targets_and_shapes():
+    splits = from_tensors(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.zeros(2, 2), torch.tensor([0, 2]))
+    assert splits.num_classes == 3 and splits.input_shape == (2,)
+    with pytest.raises(ValueError, match="targets must lie"):
+        from_tensors(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.zeros(2, 2), torch.tensor([0, 2]), num_classes=2)
+    with pytest.raises(ValueError, match="same per-sample shape"):
+        from_tensors(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+class Pairs(Dataset):
+    """A user's dataset of ``(x, y)`` tuples."""
+
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 1, 4, 4)
+        self.y = [i % 3 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_from_datasets_with_tuple_samples():
+    splits = from_datasets(Pairs(12), Pairs(6), num_classes=3, input_shape=(1, 4, 4))
+    batch = next(iter(DataLoader(splits.train, batch_size=5, collate_fn=collate_batch)))
+    assert batch["input"].shape == (5, 1, 4, 4)
+    assert batch["target"].tolist() == [0, 1, 2, 0, 1] and batch["target"].dtype == torch.long
+    assert batch["index"].tolist() == [0, 1, 2, 3, 4]
+    small = stratified_subset(splits.train, 6, seed=0)
+    assert sorted(int(small[i]["target"]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
+    assert [int(small[i]["index"]) for i in range(6)] == list(range(6))
+
+
+def test_from_datasets_rejects_unusable_samples():
+    class Bare(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.zeros(3)
+
+    with pytest.raises(TypeError, match="pair or a dict"):
+        from_datasets(Bare(), Bare(), num_classes=2, input_shape=(3,))
