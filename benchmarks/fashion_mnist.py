@@ -27,8 +27,8 @@ from pathlib import Path
 
 TEACHER = {
     "name": "cnn",
-    "options": {"channels": [32, 64], "hidden": 128},
-    "train": {"steps": 3000, "batch_size": 128, "seed": 0, "optim": {"name": "adam", "lr": 0.001}},
+    "options": {"channels": [16, 32], "hidden": 64},
+    "train": {"steps": 3000, "batch_size": 128, "seed": 0, "optim": {"name": "adam", "lr": 0.002}},
 }
 
 # name -> (student model, label_subset, methods). AT needs a spatial map on both sides, so
@@ -42,16 +42,18 @@ METHODS = ["none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd
 SPATIAL_ONLY = {"at"}
 
 
-def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | None, cache: str) -> dict:
+def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | None, cache: str,
+               teacher_steps: int = TEACHER["train"]["steps"]) -> dict:
     """The run config of one (setting, method, seed) cell."""
     student, label_subset = SETTINGS[setting]
+    teacher = {**TEACHER, "train": {**TEACHER["train"], "steps": teacher_steps}, "cache_dir": cache}
     cfg = {
         "name": f"{setting}-{method}-s{seed}",
         "seed": seed,
         "data": {"name": "fashion_mnist", "options": {"root": root} if root else {}, "label_subset": label_subset,
                  "subset_seed": seed},
         "student": student,
-        "teacher": {**TEACHER, "cache_dir": cache},
+        "teacher": teacher,
         "distill": {"method": method},
         "optim": {"name": "adam", "lr": 0.001},
         "train": {"steps": steps, "batch_size": 128, "log_every": 100, "checkpoint_every": steps, "progress": False,
@@ -59,6 +61,10 @@ def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | 
     }
     if method == "dkd":
         cfg["distill"]["warmup_steps"] = max(1, steps // 10)
+    if method == "fitnet" and student["name"] == "mlp":
+        # An MLP has no (C, H, W) map to regress onto the CNN teacher's hint map: its first
+        # hidden layer regresses onto the teacher's penultimate embedding instead.
+        cfg["distill"]["teacher_layer"] = "feature"
     return cfg
 
 
@@ -117,7 +123,7 @@ def table(results: list[dict], seeds: list[int]) -> str:
             secs = [r["summary"]["train_wall_time_s"] for r in cell]
             lines.append(
                 f"| {method} | {mean_std(acc)} | {mean_std(delta) if delta and method != 'none' else '-'} | "
-                f"{mean_std(agree) if agree else '-'} | {statistics.mean(ece):.3f} | {statistics.mean(secs):.0f} |"
+                f"{mean_std(agree) if agree else '-'} | {statistics.mean(ece):.3f} | {statistics.mean(secs):.1f} |"
             )
         lines.append("")
     lines.append(f"Seeds: {', '.join(map(str, seeds))}. Δ is paired by seed (same data subset and initialisation).")
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=3000, help="student optimizer steps (batch 128)")
+    p.add_argument("--steps", type=int, default=1500, help="student optimizer steps (batch 128)")
+    p.add_argument("--teacher-steps", type=int, default=TEACHER["train"]["steps"], help="teacher optimizer steps (batch 128)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--out", default="runs/bench-fashion-mnist")
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
@@ -149,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods:
                 if method in SPATIAL_ONLY and not spatial:
                     continue
-                cfg = run_config(setting, method, seed, steps=args.steps, root=args.root, cache=args.cache)
+                cfg = run_config(setting, method, seed, steps=args.steps, root=args.root, cache=args.cache,
+                                 teacher_steps=args.teacher_steps)
                 cells.append(((setting, method, seed), (cfg, str(out / setting / f"{method}-s{seed}"))))
 
     # The teacher is trained once, in this process, before the pool starts.
-    _one((run_config(settings[0], "kd", args.seeds[0], steps=1, root=args.root, cache=args.cache), str(out / "_teacher-warmup")))
+    warm = run_config(settings[0], "kd", args.seeds[0], steps=1, root=args.root, cache=args.cache, teacher_steps=args.teacher_steps)
+    _one((warm, str(out / "_teacher-warmup")))
 
     t0 = time.perf_counter()
     results = []

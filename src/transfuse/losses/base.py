@@ -73,8 +73,8 @@ def register_loss(
     ``paper``: citation with a link. ``summary``: one line for ``transfuse methods``.
     ``weight``/``ce_weight``: the paper's default weights of this term and of the
     cross-entropy term added beside it when a config names only ``method:``.
-    ``inputs``: ``"logits"`` or ``"feature"`` -- what the term compares by default
-    (``"feature"`` means the model's default feature tap, the penultimate embedding).
+    ``inputs``: ``"logits"``, ``"feature"`` or ``"hint"`` -- what the term compares by default
+    (``"feature"``: the model's penultimate embedding; ``"hint"``: its intermediate map).
     """
     return LOSSES.register(
         name, summary=summary, kind=kind, paper=paper, weight=weight, ce_weight=ce_weight, inputs=inputs
