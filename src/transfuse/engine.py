@@ -171,7 +171,7 @@ def fit(
     # global RNG, which would shift the RNG stream of a resumed run by one draw.
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch, generator=torch.Generator())
     is_main = fabric.global_rank == 0
-    log = MetricsLog(run_dir / "metrics.jsonl") if is_main else None
+    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard_dir=run_dir / "tensorboard") if is_main else None
     if log is not None and resume:
         log.truncate_after(start_step)
 
@@ -255,7 +255,7 @@ def _stop_if_not_finite(fabric, loss: torch.Tensor, out: dict, step: int, last_c
         else "No checkpoint was written before this step."
     )
     raise NonFiniteLossError(
-        f"the loss became non-finite ({float(loss):.4g}) at step {step + 1} {where}, on process "
+        f"the loss became non-finite ({float(loss.detach()):.4g}) at step {step + 1} {where}, on process "
         f"{fabric.global_rank}. Training stopped before applying that update. {keep}",
         step=step + 1,
         last_checkpoint=last_ckpt,
