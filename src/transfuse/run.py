@@ -11,6 +11,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from .build import (
 )
 from .checkpoint import load_into, load_weights, save_weights
 from .config import RunConfig, TermConfig, config_from_dict
-from .data.base import collate_batch
+from .data.base import first_batch
 from .distiller import Distiller, Term
 from .engine import fit
 from .losses import LOSSES
@@ -70,15 +71,13 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
 
     torch.manual_seed(cfg.seed)  # the student's initial weights depend on the run's seed only
     student = make_model(cfg.student, splits, role="student")
-    probe = collate_batch(student_train.__getitems__(list(range(min(8, len(student_train)))))) if hasattr(
-        student_train, "__getitems__") else collate_batch([student_train[i] for i in range(min(8, len(student_train)))])
-    terms = make_terms(cfg.distill, student, teacher_model, probe, num_train_samples=len(student_train))
+    terms = make_terms(cfg.distill, student, teacher_model, first_batch(student_train), num_train_samples=len(student_train))
     teacher = Teacher(teacher_model) if teacher_model is not None else None
     distiller = Distiller(student, teacher, terms)
     optimizer = make_optimizer_from(cfg.optim, distiller.parameters())
     settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name} student")
     if quiet:
-        settings = settings.__class__(**{**settings.__dict__, "progress": False})
+        settings = dataclasses.replace(settings, progress=False)
 
     def evaluate() -> dict[str, float]:
         logits, targets = predict(student, splits.test, batch_size=cfg.train.eval_batch_size, device=fabric.device)

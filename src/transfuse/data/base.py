@@ -62,6 +62,13 @@ class DataSplits:
     input_shape: tuple[int, ...]
 
 
+def first_batch(dataset: Dataset, n: int = 8) -> Batch:
+    """The first ``min(n, len(dataset))`` samples as one batch (used to probe output shapes)."""
+    indices = list(range(min(n, len(dataset))))
+    getitems = getattr(dataset, "__getitems__", None)
+    return collate_batch(getitems(indices) if getitems else [dataset[i] for i in indices])
+
+
 def collate_batch(items: Any) -> Batch:
     """Collate for the engine's loader: a pre-batched dict passes through, a list of
     dict samples is stacked, and ``(input, target)`` tuples become dicts."""
