@@ -27,8 +27,8 @@ from pathlib import Path
 
 TEACHER = {
     "name": "cnn",
-    "options": {"channels": [16, 32], "hidden": 64},
-    "train": {"steps": 3000, "batch_size": 128, "seed": 0, "optim": {"name": "adam", "lr": 0.002}},
+    "options": {"channels": [16, 32], "hidden": 64, "global_pool": False},
+    "train": {"steps": 5000, "batch_size": 128, "seed": 0, "optim": {"name": "adam", "lr": 0.002}},
 }
 
 # name -> (student model, label_subset, methods). AT needs a spatial map on both sides, so
@@ -36,7 +36,7 @@ TEACHER = {
 SETTINGS = {
     "full": ({"name": "mlp", "options": {"hidden": [128]}}, None),
     "lowlabel": ({"name": "mlp", "options": {"hidden": [128]}}, 2000),
-    "cnn": ({"name": "cnn", "options": {"channels": [8, 16]}}, 5000),
+    "cnn": ({"name": "cnn", "options": {"channels": [8, 16], "global_pool": False}}, 5000),
 }
 METHODS = ["none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd"]
 SPATIAL_ONLY = {"at"}

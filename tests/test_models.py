@@ -186,3 +186,11 @@ def test_hf_auto_task_needs_a_known_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="set options.task"):
         build_model("hf", input_shape=(8,), num_classes=3, path=str(tmp_path))
+
+
+def test_cnn_without_global_pool_flattens_the_last_map():
+    model = build_model("cnn", input_shape=(1, 28, 28), num_classes=10, channels=[4, 8], hidden=0, global_pool=False)
+    seen = {}
+    model.get_submodule(model.feature_layer).register_forward_hook(lambda m, i, o: seen.setdefault("f", o))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert seen["f"].shape == (2, 8 * 7 * 7)

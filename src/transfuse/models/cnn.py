@@ -30,11 +30,13 @@ class SmallCNN(nn.Module):
 
     Module paths: ``features.block{i}`` (``i`` from 1), ``pool``, ``flatten``, ``hidden``,
     ``embedding`` (the classifier's input, ``(B, D)``) and ``classifier``.
+    With ``global_pool=False`` the last map is flattened instead of averaged: a shallow
+    CNN on 28x28 images needs the spatial layout (about 80 % vs 90 % on Fashion-MNIST).
     """
 
     def __init__(
         self, input_shape: tuple[int, int, int], channels: Sequence[int], num_classes: int, *, hidden: int = 0,
-        batch_norm: bool = True,
+        batch_norm: bool = True, global_pool: bool = True,
     ) -> None:
         super().__init__()
         c, h, w = input_shape
@@ -47,18 +49,19 @@ class SmallCNN(nn.Module):
             if pool:
                 h, w = h // 2, w // 2
         self.features = nn.Sequential(blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
         self.flatten = nn.Flatten()
-        self.hidden = nn.Sequential(nn.Linear(c, hidden), nn.ReLU()) if hidden else nn.Identity()
+        flat = c if global_pool else c * h * w
+        self.hidden = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU()) if hidden else nn.Identity()
         self.embedding = nn.Identity()
-        self.classifier = nn.Linear(hidden or c, num_classes)
+        self.classifier = nn.Linear(hidden or flat, num_classes)
         self.feature_layer = "embedding"
         self.hint_layer = f"features.block{len(channels)}"
         init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (B, channels[-1], H', W')
-        x = self.flatten(self.pool(x))  # (B, channels[-1])
+        x = self.flatten(self.pool(x))  # (B, channels[-1]) or (B, channels[-1] * H' * W')
         x = self.embedding(self.hidden(x))  # (B, hidden or channels[-1])
         return self.classifier(x)  # (B, num_classes)
 
@@ -71,13 +74,15 @@ def cnn(
     channels: Sequence[int] = (32, 64),
     hidden: int = 0,
     batch_norm: bool = True,
+    global_pool: bool = True,
 ) -> SmallCNN:
     """A :class:`SmallCNN`. ``channels``: output channels of each conv block; ``hidden``: width
     of an extra fully connected layer before the classifier (0: none); ``batch_norm``: False
-    builds a BN-free model (no running statistics to synchronise across processes).
+    builds a BN-free model (no running statistics to synchronise across processes);
+    ``global_pool``: average the last map over space (True) or flatten it (False).
 
     Taps: ``hint_layer`` = last conv block's output ``(B, C, H, W)``; ``feature_layer`` = the
-    pooled embedding ``(B, D)`` with ``D = hidden or channels[-1]``.
+    embedding ``(B, D)`` with ``D = hidden or channels[-1]`` (``hidden or C*H*W`` unpooled).
     """
     shape = image_shape(input_shape, model="cnn")
     widths = positive_ints(channels, option="channels", model="cnn")
@@ -85,4 +90,4 @@ def cnn(
         raise ValueError("model 'cnn': option 'channels' needs at least one block")
     if not isinstance(hidden, int) or hidden < 0:
         raise ValueError(f"model 'cnn': option 'hidden' must be an integer >= 0; got {hidden!r}")
-    return SmallCNN(shape, widths, num_classes, hidden=hidden, batch_norm=batch_norm)
+    return SmallCNN(shape, widths, num_classes, hidden=hidden, batch_norm=batch_norm, global_pool=bool(global_pool))
