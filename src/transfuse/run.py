@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -123,9 +124,9 @@ def _train_teacher(cfg: RunConfig, splits, fabric, weights: Path, *, quiet: bool
     train = cfg.train.model_copy(update={"steps": tcfg.train.steps, "batch_size": tcfg.train.batch_size, "accumulate": 1,
                                          "checkpoint_every": tcfg.train.steps, "eval_every": 0, "progress": cfg.train.progress and not quiet})
     settings = fit_settings(train, tcfg.train.optim, seed=tcfg.train.seed, description=f"teacher {tcfg.name}")
-    work = weights.with_name(f".work-{weights.stem}-{fabric.global_rank}")
-    if fabric.global_rank == 0 and work.exists():
-        shutil.rmtree(work)
+    # A private work folder per process: two runs that need the same teacher at once each
+    # train it, and the atomic rename of the weights makes the last one win harmlessly.
+    work = weights.with_name(f".work-{weights.stem}-{os.getpid()}")
     fit(fabric, distiller, optimizer, splits.train, settings, run_dir=work)
     if fabric.global_rank == 0:
         save_weights(weights, model.state_dict(), metadata={"transfuse_version": __version__})
@@ -137,7 +138,7 @@ def _summarise(cfg, student, teacher_model, splits, device, terms, n_train) -> d
     s_logits, targets = predict(student, splits.test, batch_size=cfg.train.eval_batch_size, device=device)
     summary: dict[str, Any] = {
         "name": cfg.name,
-        "method": cfg.distill.method if cfg.distill.terms is None else "custom",
+        "method": "custom" if cfg.distill.terms is not None else (cfg.distill.method or "kd"),
         "terms": {t.name: t.weight for t in terms},
         "seed": cfg.seed,
         "data": cfg.data.name,
