@@ -42,6 +42,7 @@ class _Evil:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_objects_are_refused(tmp_path):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {"step": 1})
     ckpt = latest_checkpoint(tmp_path)
