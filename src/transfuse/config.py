@@ -48,8 +48,6 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "ModelConfig":
         from .models import MODELS
-
-        MODELS.entry(self.name)
         MODELS.check_options(self.name, self.options, where="options")
         return self
 
@@ -81,8 +79,6 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "DataConfig":
         from .data import DATASETS
-
-        DATASETS.entry(self.name)
         DATASETS.check_options(self.name, self.options, where="options")
         return self
 
@@ -96,8 +92,6 @@ class ScheduleConfig(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "ScheduleConfig":
         from .schedules import SCHEDULES
-
-        SCHEDULES.entry(self.kind)
         SCHEDULES.check_options(self.kind, self.options, where="options")
         return self
 
@@ -118,8 +112,6 @@ class TermConfig(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "TermConfig":
         from .losses import LOSSES
-
-        LOSSES.entry(self.loss)
         LOSSES.check_options(self.loss, self.options, where="options")
         return self
 
@@ -150,7 +142,6 @@ class DistillConfig(_Strict):
         if self.terms is None:
             method = self.method or "kd"
             if method != NO_DISTILLATION:
-                LOSSES.entry(method)
                 LOSSES.check_options(method, self.options, where="options")
             elif self.options:
                 raise ValueError("method 'none' takes no options")

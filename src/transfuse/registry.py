@@ -92,7 +92,8 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def check_options(self, name: str, options: dict[str, Any], *, where: str) -> None:
-        """Fail, naming ``where`` (a config path), if ``options`` has a key the component does not take."""
+        """Fail if ``name`` is unknown (listing the valid names) or ``options`` has a key the
+        component does not take (naming ``where``, a config path, and the accepted keys)."""
         accepted = self.entry(name).option_names()
         if accepted is None:
             return
