@@ -132,3 +132,17 @@ def test_ddp_two_cpu_processes_match_single_process(base_config, tmp_path):
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-5, k
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] == 20
+
+
+def test_teacher_is_trained_once_and_reused(base_config, tmp_path):
+    base_config["teacher"]["cache_dir"] = str(tmp_path / "cache")
+    cfg = _config(tmp_path, base_config)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "a"), "--set", "train.steps=5", "--quiet"]) == 0
+    cached = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cached) == 1 and not list((tmp_path / "cache").glob(".work-*"))
+    stamp = cached[0].stat().st_mtime_ns
+    # Another student seed reuses it; another teacher recipe gets its own entry.
+    assert main(["run", str(cfg), "--out", str(tmp_path / "b"), "--set", "seed=1", "--set", "train.steps=5", "--quiet"]) == 0
+    assert cached[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert main(["run", str(cfg), "--out", str(tmp_path / "c"), "--set", "teacher.train.steps=20", "--set", "train.steps=5", "--quiet"]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
