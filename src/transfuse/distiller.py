@@ -77,7 +77,7 @@ class Distiller(nn.Module):
         if teacher_paths:
             if not isinstance(teacher, Teacher):
                 raise TypeError(f"terms tap teacher features {teacher_paths}, which needs a transfuse.Teacher")
-            teacher.add_taps(p for p in teacher_paths if p not in teacher.taps.paths)
+            teacher.add_taps(teacher_paths)  # FeatureTaps drops duplicate paths
 
     def student_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The student's logits and tapped features for ``batch``."""

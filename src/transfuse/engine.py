@@ -16,6 +16,7 @@ learning from labels alone) for ``settings.steps`` optimizer steps:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +205,10 @@ def fit(
                 with fabric.no_backward_sync(model, enabled=accumulating):
                     out = model(batch, step)
                     loss = out["loss"]
-                    _stop_if_not_finite(fabric, loss, out, step, last_ckpt)
+                    loss_value = float(loss.detach())  # one host sync serves the check and the log
+                    _stop_if_not_finite(fabric, loss_value, out, step, last_ckpt)
                     fabric.backward(loss / settings.accumulate)
-                step_loss += float(loss.detach()) / settings.accumulate
+                step_loss += loss_value / settings.accumulate
                 for name, value in out["parts"].items():
                     sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + float(value) / settings.accumulate
             if settings.grad_clip is not None:
@@ -239,12 +241,12 @@ def fit(
     return FitResult(steps=settings.steps, wall_time_s=time.perf_counter() - t0, resumed_from=start_step, last_checkpoint=last_ckpt)
 
 
-def _stop_if_not_finite(fabric, loss: torch.Tensor, out: dict, step: int, last_ckpt: Path | None) -> None:
-    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+def _stop_if_not_finite(fabric, loss_value: float, out: dict, step: int, last_ckpt: Path | None) -> None:
+    bad = not math.isfinite(loss_value)
     if fabric.world_size > 1:
         # Every rank must stop together, or the others would wait forever in all-reduce.
-        bad = fabric.all_reduce(bad, reduce_op="sum")
-    if bad.item() == 0:
+        bad = fabric.all_reduce(torch.tensor(float(bad), device=fabric.device), reduce_op="sum").item() > 0
+    if not bad:
         return
     culprits = [f"{name}={float(v):.4g}" for name, v in out["parts"].items() if not torch.isfinite(v).all()]
     where = f"in term(s) {', '.join(culprits)}" if culprits else "in the weighted sum of terms"
@@ -255,7 +257,7 @@ def _stop_if_not_finite(fabric, loss: torch.Tensor, out: dict, step: int, last_c
         else "No checkpoint was written before this step."
     )
     raise NonFiniteLossError(
-        f"the loss became non-finite ({float(loss.detach()):.4g}) at step {step + 1} {where}, on process "
+        f"the loss became non-finite ({loss_value:.4g}) at step {step + 1} {where}, on process "
         f"{fabric.global_rank}. Training stopped before applying that update. {keep}",
         step=step + 1,
         last_checkpoint=last_ckpt,
