@@ -12,8 +12,10 @@ def _write(tmp_path, data):
 
 def test_valid_config_and_resolved_defaults(base_config, tmp_path):
     cfg = load_config(_write(tmp_path, base_config))
-    terms = cfg.distill.resolved_terms()
-    assert [(t.loss, t.weight) for t in terms] == [("ce", 0.1), ("kd", None)]
+    terms = cfg.resolved_terms()
+    assert [(t.loss, t.weight, t.input, t.target) for t in terms] == [("ce", 0.1, "student", None), ("kd", None, "student", "teacher")]
+    # The pre-v2 `student:`/`teacher:` sections become named participants.
+    assert cfg.participants["student"].trainable and not cfg.participants["teacher"].trainable
     # The resolved YAML validates again to the same config.
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
@@ -46,19 +48,19 @@ def test_unknown_loss_option(base_config):
 
 def test_unknown_model_and_model_option(base_config):
     base_config["student"]["name"] = "mlpp"
-    with pytest.raises(ConfigError, match=r"student: unknown model 'mlpp'"):
+    with pytest.raises(ConfigError, match=r"participants.student: unknown model 'mlpp'"):
         config_from_dict(base_config)
     base_config["student"] = {"name": "mlp", "options": {"hiden": [3]}}
-    with pytest.raises(ConfigError, match=r"student: options: model 'mlp' has no option\(s\) 'hiden'"):
+    with pytest.raises(ConfigError, match=r"participants.student: options: model 'mlp' has no option\(s\) 'hiden'"):
         config_from_dict(base_config)
 
 
 def test_teacher_required_for_kd(base_config):
     del base_config["teacher"]
-    with pytest.raises(ConfigError, match="no `teacher:` section"):
+    with pytest.raises(ConfigError, match=r"target 'teacher' names no participant or source \(add a `teacher:` section"):
         config_from_dict(base_config)
     base_config["distill"] = {"method": "none"}
-    assert config_from_dict(base_config).teacher is None
+    assert list(config_from_dict(base_config).participants) == ["student"]
 
 
 def test_method_and_terms_are_exclusive(base_config):
@@ -100,7 +102,71 @@ def test_schedule_and_terms_long_form(base_config):
         ]
     }
     cfg = config_from_dict(base_config)
-    assert cfg.distill.resolved_terms()[1].schedule.options == {"steps": 5}
+    assert cfg.resolved_terms()[1].schedule.options == {"steps": 5}
     base_config["distill"]["terms"][1]["schedule"]["kind"] = "warmpu"
     with pytest.raises(ConfigError, match="unknown schedule 'warmpu'"):
         config_from_dict(base_config)
+
+
+def test_option_values_fail_at_load_naming_the_field(base_config, tmp_path):
+    path = _write(tmp_path, base_config)
+    for bad in ("distill.options.temperature=0", "distill.options.temperature=.inf"):
+        with pytest.raises(ConfigError, match=r"distill.*temperature"):
+            load_config(path, [bad])
+
+
+def test_v2_participants_terms_and_references(base_config):
+    v2 = {k: v for k, v in base_config.items() if k not in ("student", "teacher")}
+    v2["participants"] = {"student": base_config["student"], "peer": {**base_config["student"], "trainable": True},
+                          "teacher": {**base_config["teacher"], "trainable": False}}
+    v2["distill"] = {"terms": [{"loss": "ce"}, {"loss": "kd", "input": "student.logits", "target": "peer.logits"},
+                               {"loss": "rkd", "input": "peer.feature", "target": "teacher.feature"}]}
+    cfg = config_from_dict(v2)
+    assert [t.target for t in cfg.resolved_terms()] == [None, "peer.logits", "teacher.feature"]
+    v2["distill"]["terms"][1]["target"] = "peeer.logits"
+    with pytest.raises(ConfigError, match="target 'peeer.logits' names no participant or source; defined: peer, student, teacher"):
+        config_from_dict(v2)
+    v2["distill"]["terms"][1] = {"loss": "kd", "input": "teacher.logits", "target": "student.logits"}
+    with pytest.raises(ConfigError, match="input 'teacher.logits' is a frozen participant"):
+        config_from_dict(v2)
+
+
+def test_pre_v2_term_sides_migrate_to_references(base_config):
+    base_config["distill"] = {"terms": [{"loss": "fitnet", "student": "hint", "teacher": "layers.act1"}, {"loss": "kd"}]}
+    terms = config_from_dict(base_config).resolved_terms()
+    assert (terms[0].input, terms[0].target) == ("student.hint", "teacher.layers.act1")
+    assert (terms[1].input, terms[1].target) == ("student", None)
+
+
+def test_set_on_a_top_level_section_merges_into_its_participant(base_config, tmp_path):
+    v2 = {k: v for k, v in base_config.items() if k not in ("student", "teacher")}
+    v2["participants"] = {"student": base_config["student"], "teacher": {**base_config["teacher"], "trainable": False}}
+    cfg = load_config(_write(tmp_path, v2), ["teacher.cache=somewhere", "student.options.hidden=[8]"])
+    assert cfg.participants["teacher"].cache == "somewhere" and cfg.participants["teacher"].name == "mlp"
+    assert cfg.participants["student"].options == {"hidden": [8]}
+    with pytest.raises(ConfigError, match="only a frozen participant"):
+        load_config(_write(tmp_path, v2), ["student.cache=x"])
+
+
+def test_schemes_expand_and_check_their_options(base_config):
+    dml = {**base_config, "distill": {"method": "dml"}}
+    del dml["teacher"]
+    with pytest.raises(ConfigError, match="only \\['student'\\] is trainable"):
+        config_from_dict(dml)
+    dml["participants"] = {"peer": {**base_config["student"], "trainable": True}}
+    terms = config_from_dict(dml).resolved_terms()
+    assert [(t.name, t.input, t.target, t.weight) for t in terms] == [
+        ("ce_peer", "peer.logits", None, 1.0), ("kl_peer_from_student", "peer.logits", "student.logits", 1.0),
+        ("ce_student", "student.logits", None, 1.0), ("kl_student_from_peer", "student.logits", "peer.logits", 1.0),
+    ]
+    dml["distill"]["options"] = {"temperature": -1}
+    with pytest.raises(ConfigError, match="scheme 'dml': temperature"):
+        config_from_dict(dml)
+    mt = {**base_config, "distill": {"method": "multi_teacher", "options": {"weights": [1, 2]}}}
+    mt["participants"] = {"teacher_2": {**base_config["teacher"], "trainable": False}}
+    cfg = config_from_dict(mt)
+    assert cfg.resolved_sources()["teachers"].members == ["teacher_2", "teacher"]
+    assert cfg.resolved_terms()[-1].target == "teachers.logits"
+    mt["distill"]["options"]["weights"] = [1]
+    with pytest.raises(ConfigError, match="expected 2 non-negative numbers"):
+        config_from_dict(mt)

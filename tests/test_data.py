@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfuse.data import (
     DATASETS, ArrayDataset, IDXFormatError, collate_batch, from_datasets, from_tensors, load_dataset, read_idx,
-    stratified_subset,
+    stratified_subset, with_id_offset,
 )
 from transfuse.data import fashion_mnist as fm
 from transfuse.registry import UnknownNameError
@@ -72,6 +72,7 @@ def test_fashion_mnist_from_idx_files(tmp_path, compress):
     assert (splits.num_classes, splits.input_shape) == (10, (1, 28, 28))
     assert splits.train.inputs.shape == (6, 1, 28, 28) and splits.train.inputs.dtype == torch.float32
     assert splits.test.targets.tolist() == [0, 1, 2, 3]
+    assert splits.train.sample_ids.tolist() == list(range(6))  # positions in the original split
     lowest = (0.0 - fm.MEAN) / fm.STD  # a black pixel after normalisation
     assert splits.train.inputs.min().item() >= lowest - 1e-6
     assert DATASETS.get("fashion_mnist")(root=str(root)).train.inputs is splits.train.inputs  # decoded once
@@ -127,6 +128,7 @@ def test_stratified_subset_is_balanced_and_deterministic():
     assert torch.equal(small.inputs, stratified_subset(train, 53, seed=0).inputs)
     assert not torch.equal(small.inputs, stratified_subset(train, 53, seed=1).inputs)
     assert small[0]["index"] == 0  # renumbered
+    assert small[0]["sample_id"] == small.sample_ids[0]  # not renumbered
 
 
 def test_stratified_subset_fills_from_larger_classes():
@@ -136,6 +138,68 @@ def test_stratified_subset_fills_from_larger_classes():
     assert counts.tolist() == [2, 5, 5]
     with pytest.raises(ValueError, match="n must be"):
         stratified_subset(data, 23, seed=0)
+
+
+def test_stratified_subset_refuses_negative_targets():
+    data = ArrayDataset(torch.zeros(4, 1), torch.tensor([0, 1, -1, 1]))
+    with pytest.raises(ValueError, match="IGNORE_TARGET"):
+        stratified_subset(data, 2, seed=0)
+
+
+# --- sample ids ---------------------------------------------------------------------------
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    """Two dict batches with the same keys, dtypes and values."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sample_ids_survive_stratified_subset_and_subset():
+    train = load_dataset("digits").train
+    assert torch.equal(train.sample_ids, torch.arange(len(train))) and train.sample_ids.dtype == torch.long
+    small = stratified_subset(train, 53, seed=0)
+    ids = small.sample_ids  # (53,) positions in the original train split
+    assert len(torch.unique(ids)) == 53
+    assert torch.equal(small.inputs, train.inputs[ids]) and torch.equal(small.targets, train.targets[ids])
+    smaller = small.subset(torch.tensor([40, 2, 5]))
+    assert smaller.sample_ids.tolist() == ids[[40, 2, 5]].tolist()
+    for i in range(3):
+        sample = smaller[i]
+        assert int(sample["index"]) == i
+        assert torch.equal(sample["input"], train.inputs[int(sample["sample_id"])])
+
+
+def test_getitem_and_getitems_agree_on_every_key():
+    small = stratified_subset(load_dataset("digits").train, 30, seed=2)
+    order = [7, 0, 29, 3, 3]
+    assert_same_batch(small.__getitems__(order), collate_batch([small[i] for i in order]))
+    batch = next(iter(DataLoader(small, batch_size=8, collate_fn=collate_batch)))
+    assert set(batch) == {"input", "target", "index", "sample_id"}  # no 'labelled' in an all-labelled batch
+    assert batch["sample_id"].tolist() == small.sample_ids[:8].tolist()
+
+
+def test_array_dataset_checks_ids():
+    x, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    assert ArrayDataset(x, y, ids=[7, 3, 9])[1]["sample_id"] == 3
+    for ids, message in (([0, 0, 1], "distinct"), ([0, 1], "expected 3 ids"), ([0, -1, 2], "non-negative"),
+                         ([0.0, 1.0, 2.0], "integer")):
+        with pytest.raises(ValueError, match=message):
+            ArrayDataset(x, y, ids=ids)
+
+
+def test_with_id_offset_shifts_ids_only():
+    data = ArrayDataset(torch.randn(5, 2), torch.arange(5) % 2)
+    shifted = with_id_offset(data, 100)
+    assert shifted.sample_ids.tolist() == [100, 101, 102, 103, 104]
+    assert data.sample_ids.tolist() == [0, 1, 2, 3, 4]  # the original is unchanged
+    assert int(shifted[2]["index"]) == 2 and torch.equal(shifted[2]["input"], data[2]["input"])
+    wrapped = from_datasets(Pairs(6), Pairs(2), num_classes=3, input_shape=(1, 4, 4)).train
+    assert with_id_offset(wrapped, 10).subset(torch.tensor([1, 4])).sample_ids.tolist() == [11, 14]
+    with pytest.raises(TypeError, match="ArrayDataset or SampleDataset"):
+        with_id_offset(Pairs(3), 5)
 
 
 # --- bring your own -----------------------------------------------------------------------
@@ -149,6 +213,7 @@ def test_npz_round_trip(tmp_path):
     splits = load_dataset("npz", path=str(path))
     assert (splits.num_classes, splits.input_shape, len(splits.train), len(splits.test)) == (4, (3,), 10, 5)
     assert splits.train.inputs.dtype == torch.float32  # float64 arrays become float32
+    assert splits.test.sample_ids.tolist() == [0, 1, 2, 3, 4] and int(splits.test[3]["sample_id"]) == 3
 
 
 def test_npz_missing_key_names_file_and_key(tmp_path):
@@ -163,6 +228,7 @@ def test_npz_missing_key_names_file_and_key(tmp_path):
 def test_from_tensors_checks_targets_and_shapes():
     splits = from_tensors(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.zeros(2, 2), torch.tensor([0, 2]))
     assert splits.num_classes == 3 and splits.input_shape == (2,)
+    assert splits.train.sample_ids.tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="targets must lie"):
         from_tensors(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.zeros(2, 2), torch.tensor([0, 2]), num_classes=2)
     with pytest.raises(ValueError, match="same per-sample shape"):
@@ -192,6 +258,30 @@ def test_from_datasets_with_tuple_samples():
     small = stratified_subset(splits.train, 6, seed=0)
     assert sorted(int(small[i]["target"]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
     assert [int(small[i]["index"]) for i in range(6)] == list(range(6))
+    assert batch["sample_id"].tolist() == [0, 1, 2, 3, 4]
+    for i in range(6):  # ids are positions in the original split, and point at the same samples
+        sample_id = int(small[i]["sample_id"])
+        assert small.sample_ids[i] == sample_id and torch.equal(small[i]["input"], splits.train.dataset.x[sample_id])
+
+
+class OwnIds(Dataset):
+    """A user's dataset whose dict samples carry their own ``sample_id``."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i):
+        return {"input": torch.full((2,), float(i)), "target": i % 2, "sample_id": 1000 + i}
+
+
+def test_a_datasets_own_sample_ids_are_kept():
+    batch = next(iter(DataLoader(OwnIds(), batch_size=3, collate_fn=collate_batch)))
+    assert batch["sample_id"].tolist() == [1000, 1001, 1002]  # collate passes it through
+    train = from_datasets(OwnIds(), OwnIds(), num_classes=2, input_shape=(2,)).train
+    assert int(train[4]["sample_id"]) == 1004 and train.sample_ids.tolist() == list(range(1000, 1006))
+    small = stratified_subset(train, 2, seed=0)
+    assert [int(small[i]["sample_id"]) for i in range(2)] == small.sample_ids.tolist()
+    assert all(int(small[i]["input"][0]) + 1000 == int(small[i]["sample_id"]) for i in range(2))
 
 
 def test_from_datasets_rejects_unusable_samples():

@@ -7,6 +7,7 @@ normalisation shows up as a mismatch.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -344,3 +345,316 @@ def test_crd_nce_loss_matches_hand_computed():
     got = TF.crd_nce_loss(t(probs), num_data=n_data, eps=eps)
     assert got.item() == pytest.approx(-total / 2, rel=1e-10)
     assert got > 0
+
+
+# ---------------------------------------------------------------------------------------
+# reduce_positions: the one reduction rule
+
+
+def test_reduce_positions_without_mask_is_exactly_the_mean():
+    torch.manual_seed(0)
+    for shape in [(7,), (3, 5), (2, 3, 4)]:
+        values = torch.randn(shape)
+        assert torch.equal(TF.reduce_positions(values), values.mean())
+
+
+def test_reduce_positions_mask_is_hand_computed_masked_mean():
+    values = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert TF.reduce_positions(values, mask=mask).item() == pytest.approx((1 + 3 + 6) / 3)
+
+
+def test_reduce_positions_weights_are_not_renormalised():
+    values = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    weights = t([[0.5, 1.0, 2.0], [0.0, 3.0, 1.0]])
+    expected = (0.5 * 1 + 2 + 6 + 0 + 15 + 6) / 6  # divided by the position count, not sum(weights)
+    assert TF.reduce_positions(values, weights=weights).item() == pytest.approx(expected)
+    assert TF.reduce_positions(values, weights=2 * torch.ones(2, 3, dtype=torch.float64)).item() == pytest.approx(
+        2 * values.mean().item()
+    )
+
+
+def test_reduce_positions_aligns_prefix_shapes_from_the_left():
+    # Per-sample (B,) mask and weights against per-token (B, T) values.
+    values = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])  # (B=3, T=3)
+    sample_mask = torch.tensor([True, False, True])
+    sample_weights = t([2.0, 100.0, 0.5])
+    got = TF.reduce_positions(values, mask=sample_mask, weights=sample_weights)
+    expected = (2.0 * (1 + 2 + 3) + 0.5 * (7 + 8 + 9)) / 6  # 6 kept tokens
+    assert got.item() == pytest.approx(expected)
+    # Mixed: token mask (B, T) with per-sample weights (B,).
+    token_mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    got = TF.reduce_positions(values, mask=token_mask, weights=sample_weights)
+    assert got.item() == pytest.approx((2.0 * (1 + 2) + 100.0 * 4) / 3)
+    # A scalar weight is the empty prefix.
+    assert TF.reduce_positions(values, weights=t(3.0)).item() == pytest.approx(3 * 5.0)
+
+
+def test_reduce_positions_empty_mask_is_a_graph_connected_zero():
+    values = torch.randn(4, 3, requires_grad=True)
+    out = TF.reduce_positions(values * 2, mask=torch.zeros(4, dtype=torch.bool))
+    assert out.item() == 0.0 and not torch.isnan(out)
+    out.backward()
+    assert values.grad is not None and torch.equal(values.grad, torch.zeros(4, 3))
+    # No positions at all: 0 as well, not the nan of an empty mean.
+    empty = torch.zeros(0, 5, requires_grad=True)
+    out = TF.reduce_positions(empty)
+    assert out.item() == 0.0
+    out.backward()
+
+
+def test_reduce_positions_masked_out_inf_and_nan_do_not_leak():
+    values = torch.tensor([1.0, float("inf"), float("nan"), 3.0], requires_grad=True)
+    mask = torch.tensor([True, False, False, True])
+    out = TF.reduce_positions(values, mask=mask, weights=torch.tensor([1.0, 1.0, float("nan"), 1.0]))
+    assert out.item() == 2.0
+    out.backward()
+    assert torch.equal(values.grad, torch.tensor([0.5, 0.0, 0.0, 0.5]))
+
+
+def test_reduce_positions_validates_mask_and_shapes():
+    values = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="bool"):
+        TF.reduce_positions(values, mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="floating-point"):
+        TF.reduce_positions(values, weights=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"reduce_positions: mask of shape \(3,\).*\(2, 3\)"):
+        TF.reduce_positions(values, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"reduce_positions: weights of shape \(2, 3, 1\).*\(2, 3\)"):
+        TF.reduce_positions(values, weights=torch.ones(2, 3, 1))
+
+
+def test_weigh_positions_is_what_reduction_none_returns():
+    values = t([[1.0, 2.0], [3.0, 4.0]])
+    out = TF.weigh_positions(values, mask=torch.tensor([True, False]), weights=t([[2.0, 3.0], [5.0, 7.0]]))
+    assert torch.equal(out, t([[2.0, 6.0], [0.0, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------
+# Unmasked values are bit-identical to the formulas before masks existed (torch.equal).
+# Each `_old_*` restates the earlier implementation op for op.
+
+
+def _old_kl(log_p, log_q):
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _old_kd(s, tt, temperature):
+    log_q = torch.nn.functional.log_softmax(s / temperature, dim=-1)
+    log_p = torch.nn.functional.log_softmax(tt / temperature, dim=-1)
+    return temperature**2 * _old_kl(log_p, log_q).mean()
+
+
+def _old_binary_logs(logits, gt):
+    log_z = torch.logsumexp(logits, dim=-1)
+    log_target = (logits * gt).sum(-1) - log_z
+    log_rest = torch.logsumexp(logits.masked_fill(gt.bool(), float("-inf")), dim=-1) - log_z
+    return torch.stack([log_target, log_rest], dim=-1)
+
+
+def _old_dkd(s, tt, y, alpha, beta, temperature):
+    c = s.shape[-1]
+    z_s, z_t = s.reshape(-1, c) / temperature, tt.reshape(-1, c) / temperature
+    gt = torch.nn.functional.one_hot(y.reshape(-1).long(), c).to(z_s.dtype)
+    tckd = _old_kl(_old_binary_logs(z_t, gt), _old_binary_logs(z_s, gt))
+    nckd = _old_kl(
+        torch.nn.functional.log_softmax(z_t - 1000.0 * gt, dim=-1), torch.nn.functional.log_softmax(z_s - 1000.0 * gt, dim=-1)
+    )
+    scale = temperature**2
+    return alpha * (scale * tckd.mean()) + beta * (scale * nckd.mean())
+
+
+def _old_pearson(a, b, eps=1e-8):
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def _old_dist(s, tt, beta, gamma, temperature):
+    c = s.shape[-1]
+    y_s = torch.nn.functional.softmax(s.reshape(-1, c) / temperature, dim=-1)
+    y_t = torch.nn.functional.softmax(tt.reshape(-1, c) / temperature, dim=-1)
+    inter = 1.0 - _old_pearson(y_s, y_t).mean()
+    intra = 1.0 - _old_pearson(y_s.t(), y_t.t()).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+@pytest.mark.parametrize("shape", [(8, 10), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logit_losses_unmasked_are_bit_identical_to_before(shape, dtype):
+    torch.manual_seed(1)
+    s, tt = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype) * 3
+    y = torch.randint(shape[-1], shape[:-1])
+    for temp in (1.0, 2.0, 4.0, 3.7):
+        assert torch.equal(TF.kd(s, tt, temperature=temp), _old_kd(s, tt, temp))
+        assert torch.equal(TF.dkd(s, tt, y, alpha=0.7, beta=8.0, temperature=temp), _old_dkd(s, tt, y, 0.7, 8.0, temp))
+        assert torch.equal(TF.dist(s, tt, beta=1.5, gamma=0.5, temperature=temp), _old_dist(s, tt, 1.5, 0.5, temp))
+    for smoothing in (0.0, 0.1):
+        old = torch.nn.functional.cross_entropy(
+            s.reshape(-1, shape[-1]), y.reshape(-1).long(), label_smoothing=smoothing
+        )
+        assert torch.equal(TF.cross_entropy(s, y, label_smoothing=smoothing), old)
+
+
+def test_feature_and_relation_losses_unmasked_are_bit_identical_to_before():
+    torch.manual_seed(2)
+    a, b = torch.randn(6, 4, 5, 5), torch.randn(6, 4, 5, 5)
+    assert torch.equal(TF.fitnet(a, b), torch.nn.functional.mse_loss(a, b))
+    c = torch.randn(6, 7, 5, 5)
+    old_at = (TF.attention_map(a, p=3.0) - TF.attention_map(c, p=3.0)).pow(2).mean()
+    assert torch.equal(TF.attention_transfer(a, c, p=3.0), old_at)
+    fs, ft = torch.randn(6, 9), torch.randn(6, 4)
+
+    def old_sp(x, y):
+        gx, gy = torch.nn.functional.normalize(x @ x.t(), dim=1), torch.nn.functional.normalize(y @ y.t(), dim=1)
+        return (gx - gy).pow(2).sum() / x.shape[0] ** 2
+
+    def old_pkt(x, y, eps=1e-7):
+        def probs(f):
+            unit = f / (f.norm(dim=1, keepdim=True) + eps)
+            k = (unit @ unit.t() + 1.0) / 2.0
+            return k / k.sum(dim=1, keepdim=True)
+
+        ps, pt = probs(x), probs(y)
+        return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+    assert torch.equal(TF.similarity_preserving(fs, ft), old_sp(fs, ft))
+    assert torch.equal(TF.pkt(fs, ft), old_pkt(fs, ft))
+    # Selecting every sample is the unmasked computation.
+    everyone = torch.ones(6, dtype=torch.bool)
+    for fn in (TF.similarity_preserving, TF.rkd_distance, TF.rkd_angle, TF.rkd, TF.pkt):
+        assert torch.equal(fn(fs, ft, mask=everyone), fn(fs, ft))
+
+
+# ---------------------------------------------------------------------------------------
+# Position-wise losses: mask, weights and reduction="none"
+
+
+def _position_cases():
+    """(name, call(mask, weights, reduction), positions shape, per-position reference(i) -> float)."""
+    torch.manual_seed(3)
+    s, tt = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)  # (B, T, C)
+    y = torch.randint(6, (3, 4))
+    fa, fb = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)  # (B, ...)
+    ha, hb = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 5, 4, 4, dtype=torch.float64)
+
+    def at_one(i):
+        return TF.attention_transfer(ha[i[0] : i[0] + 1], hb[i[0] : i[0] + 1]).item()
+
+    return [
+        ("kd", lambda **kw: TF.kd(s, tt, temperature=2.0, **kw), (3, 4),
+         lambda i: TF.kd(s[i], tt[i], temperature=2.0).item()),
+        ("dkd", lambda **kw: TF.dkd(s, tt, y, alpha=0.5, beta=2.0, **kw), (3, 4),
+         lambda i: TF.dkd(s[i][None], tt[i][None], y[i][None], alpha=0.5, beta=2.0).item()),
+        ("ce", lambda **kw: TF.cross_entropy(s, y, label_smoothing=0.1, **kw), (3, 4),
+         lambda i: TF.cross_entropy(s[i][None], y[i][None], label_smoothing=0.1).item()),
+        ("fitnet", lambda **kw: TF.fitnet(fa, fb, **kw), (3,),
+         lambda i: ((fa[i] - fb[i]) ** 2).mean().item()),
+        ("at", lambda **kw: TF.attention_transfer(ha, hb, **kw), (3,), at_one),
+    ]
+
+
+@pytest.mark.parametrize("case", _position_cases(), ids=lambda c: c[0])
+def test_position_wise_mask_and_weights_are_hand_computed(case):
+    _, call, shape, one = case
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask.view(-1)[0] = True
+    weights = torch.rand(shape[:1], dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2  # per sample
+    kept = [i for i in itertools.product(*map(range, shape)) if mask[i]]
+    expected = sum(weights[i[0]].item() * one(i) for i in kept) / len(kept)
+    assert call(mask=mask, weights=weights).item() == pytest.approx(expected, rel=1e-9)
+    unweighted = sum(one(i) for i in kept) / len(kept)
+    assert call(mask=mask).item() == pytest.approx(unweighted, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", _position_cases(), ids=lambda c: c[0])
+def test_position_wise_reduction_none(case):
+    _, call, shape, one = case
+    values = call(reduction="none")
+    assert tuple(values.shape) == shape
+    assert values.mean().item() == pytest.approx(call().item(), rel=1e-9)
+    first = (0,) * len(shape)
+    assert values[first].item() == pytest.approx(one(first), rel=1e-9)
+    # none applies weights and zeroes masked-out positions; reducing it by the mask gives the mean.
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[0] = True
+    weights = torch.full(shape[:1], 3.0, dtype=torch.float64)
+    weighed = call(mask=mask, weights=weights, reduction="none")
+    assert torch.equal(weighed[1:], torch.zeros_like(weighed[1:]))
+    assert TF.reduce_positions(weighed, mask=mask).item() == pytest.approx(call(mask=mask, weights=weights).item())
+    with pytest.raises(ValueError, match="reduction"):
+        call(reduction="sum")
+
+
+def test_fitnet_positions_follow_the_mask():
+    a, b = t([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [1.0, 1.0]]]), torch.zeros(2, 2, 2, dtype=torch.float64)
+    # Default positions: samples, mean over (T, D).
+    assert torch.equal(TF.fitnet(a, b, reduction="none"), t([(1 + 4 + 9 + 16) / 4, (0 + 0 + 1 + 1) / 4]))
+    # A (B, T) mask makes tokens the positions: mean over D per token.
+    token_mask = torch.tensor([[True, False], [False, True]])
+    assert TF.fitnet(a, b, mask=token_mask).item() == pytest.approx(((1 + 4) / 2 + (1 + 1) / 2) / 2)
+    with pytest.raises(ValueError, match="cover 4 dims"):
+        TF.fitnet(a, b, mask=torch.ones(2, 2, 2, 1, dtype=torch.bool))
+
+
+def test_position_wise_losses_validate_masks_naming_themselves():
+    s, tt = torch.randn(4, 5), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="kd: mask must be a bool"):
+        TF.kd(s, tt, mask=torch.ones(4))
+    with pytest.raises(ValueError, match=r"kd: mask of shape \(5,\).*\(4,\)"):
+        TF.kd(s, tt, mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dkd: weights"):
+        TF.dkd(s, tt, torch.zeros(4, dtype=torch.long), weights=torch.ones(3))
+    with pytest.raises(ValueError, match="target shape"):
+        TF.cross_entropy(s, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda s, tt, **kw: TF.kd(s, tt, **kw),
+        lambda s, tt, **kw: TF.dkd(s, tt, torch.zeros(s.shape[:-1], dtype=torch.long), **kw),
+        lambda s, tt, **kw: TF.cross_entropy(s, torch.zeros(s.shape[:-1], dtype=torch.long), **kw),
+        lambda s, tt, **kw: TF.dist(s, tt, **kw),
+    ],
+    ids=["kd", "dkd", "ce", "dist"],
+)
+def test_empty_inputs_and_empty_masks_give_a_graph_connected_zero(fn):
+    empty = torch.zeros(0, 5, requires_grad=True)
+    out = fn(empty, torch.zeros(0, 5))
+    assert out.dim() == 0 and out.item() == 0.0
+    out.backward()
+    s = torch.randn(4, 5, requires_grad=True)
+    out = fn(s, torch.randn(4, 5), mask=torch.zeros(4, dtype=torch.bool))
+    assert out.item() == 0.0
+    out.backward()
+    assert s.grad is not None and torch.equal(s.grad, torch.zeros(4, 5))
+
+
+# ---------------------------------------------------------------------------------------
+# Batch-relation losses: a mask selects samples, weights are refused
+
+RELATION_FNS = [TF.dist, TF.similarity_preserving, TF.rkd_distance, TF.rkd_angle, TF.rkd, TF.pkt]
+
+
+@pytest.mark.parametrize("fn", RELATION_FNS, ids=lambda f: f.__name__)
+def test_relation_mask_selects_samples(fn):
+    torch.manual_seed(4)
+    s, tt = torch.randn(7, 6), torch.randn(7, 6)
+    mask = torch.tensor([True, False, True, True, False, True, False])
+    assert torch.equal(fn(s, tt, mask=mask), fn(s[mask], tt[mask]))
+    with pytest.raises(ValueError, match=f"{fn.__name__} is a batch-relation loss; per-sample weights"):
+        fn(s, tt, weights=torch.ones(7))
+    with pytest.raises(ValueError, match="bool"):
+        fn(s, tt, mask=mask.float())
+
+
+@pytest.mark.parametrize("fn", RELATION_FNS[1:], ids=lambda f: f.__name__)
+def test_relation_mask_leaving_fewer_than_two_gives_zero(fn):
+    s = torch.randn(5, 4, requires_grad=True)
+    for kept in (0, 1):
+        mask = torch.arange(5) < kept
+        out = fn(s, torch.randn(5, 3), mask=mask)
+        assert out.item() == 0.0
+        out.backward()
+        assert torch.equal(s.grad, torch.zeros(5, 4))
+        s.grad = None

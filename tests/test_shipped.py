@@ -20,7 +20,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_config_validates(path):
     cfg = load_config(path)
-    assert cfg.name and cfg.distill.resolved_terms()
+    assert cfg.name and cfg.resolved_terms()
 
 
 def test_embedded_demo_config_validates():

@@ -3,32 +3,42 @@
 The Python API in one screen::
 
     import transfuse
-    from transfuse.losses import KD, CrossEntropy
+    from transfuse.losses import LOSSES
 
-    distiller = transfuse.Distiller(student, transfuse.Teacher(teacher),
-                                    [transfuse.Term("ce", CrossEntropy(), 0.1),
-                                     transfuse.Term("kd", KD(temperature=4.0), 0.9)])
-    loss = distiller(batch, step)["loss"]          # batch = {"input", "target", "index"}
+    student = transfuse.Participant("student", student_net)                   # trainable
+    teacher = transfuse.Participant("teacher", teacher_net, trainable=False)  # frozen
+    distiller = transfuse.Distiller(
+        [student, teacher],
+        [transfuse.Term("ce", LOSSES.get("ce").build(), 0.1, input="student.logits", target=None),
+         transfuse.Term("kd", LOSSES.get("kd").build(temperature=4.0), 0.9,
+                        input="student.logits", target="teacher.logits")])
+    loss = distiller(batch, step)["loss"]          # batch = {"input", "target", "index", "sample_id"}
 
     cfg = transfuse.load_config("configs/digits/kd.yaml", ["train.steps=200"])
     summary = transfuse.run(cfg, out_dir="runs/kd")  # the whole pipeline, as `transfuse run`
 
-Modules: ``functional`` (pure losses), ``losses`` (registered loss modules),
-``models``, ``data``, ``analysis`` (accuracy, agreement, ECE, flips), ``taps``,
-``teacher``, ``distiller``, ``engine``, ``config``, ``build``, ``run``.
+Modules: ``functional`` (pure losses and the one reduction), ``losses`` (registered loss
+modules), ``participants`` and ``sources`` (who answers a batch), ``distiller``
+(participants + terms), ``recipes`` (the inner step), ``engine`` (the one loop),
+``schemes`` (dml, multi_teacher), ``cache`` (teacher outputs on disk), ``models``,
+``data``, ``analysis`` (accuracy, agreement, ECE, flips), ``taps``, ``config``, ``build``,
+``run``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import analysis, data, functional, losses, models  # noqa: E402  (registries fill on import)
 from .config import RunConfig, load_config  # noqa: E402
-from .distiller import Distiller, Term  # noqa: E402
+from .distiller import Distiller, Ref, Term  # noqa: E402
 from .engine import FitSettings, fit  # noqa: E402
+from .participants import Participant  # noqa: E402
+from .recipes import DefaultRecipe, Recipe  # noqa: E402
 from .run import run  # noqa: E402
+from .sources import CachedOutputs, Ensemble  # noqa: E402
 from .taps import FeatureTaps  # noqa: E402
-from .teacher import Teacher  # noqa: E402
 
 __all__ = [
-    "Distiller", "FeatureTaps", "FitSettings", "RunConfig", "Teacher", "Term", "__version__", "analysis", "data",
-    "fit", "functional", "load_config", "losses", "models", "run",
+    "CachedOutputs", "DefaultRecipe", "Distiller", "Ensemble", "FeatureTaps", "FitSettings", "Participant", "Recipe", "Ref",
+    "RunConfig", "Term", "__version__", "analysis", "data", "fit", "functional", "load_config", "losses",
+    "models", "run",
 ]

@@ -1,125 +1,274 @@
 """The one place that turns a :class:`~transfuse.config.RunConfig` into objects.
 
-Every component (models, losses, the Distiller, the engine) takes typed arguments; only
-the functions here read config sections and hand those arguments over.
+Every component (models, participants, sources, losses, the Distiller, the engine) takes
+typed arguments; only the functions here read config sections and hand those arguments
+over. Everything that can be checked from the config and the data's shapes is checked
+while these objects are built -- before any teacher is trained and before anything is
+written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import load_into, load_weights
-from .config import DataConfig, DistillConfig, FabricConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .data import DATASETS, DataSplits, stratified_subset
-from .distiller import LOGITS, Term, probe_shapes
+from .checkpoint import CheckpointError, load_into, load_weights
+from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
+from .data import DATASETS, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
+from .data.base import first_batch
+from .distiller import Distiller, Ref, Term
 from .engine import FitSettings
+from .errors import DataError, ModelError
 from .losses import LOSSES
 from .models import build_model
 from .optim import make_optimizer
+from .participants import LOGITS, Participant
 from .schedules import SCHEDULES, Constant
-
-#: Term input names that stand for a model's declared tap points.
-TAP_ROLES = {"feature": "feature_layer", "hint": "hint_layer"}
+from .sources import CachedOutputs, Ensemble
+from .taps import FeatureTaps
 
 
 def make_fabric(cfg: FabricConfig):
     """A launched Lightning Fabric for the configured devices, strategy and precision."""
     from lightning_fabric import Fabric
 
-    strategy: Any = cfg.strategy
-    if cfg.strategy == "ddp":
-        from lightning_fabric.strategies import DDPStrategy
-
-        # Losses with learnable parts that a step does not touch would otherwise hang DDP.
-        strategy = DDPStrategy(find_unused_parameters=False)
     fabric = Fabric(
-        accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision, num_nodes=cfg.num_nodes
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision, num_nodes=cfg.num_nodes
     )
     fabric.launch()
     return fabric
 
 
+def load_splits(cfg: DataConfig) -> DataSplits:
+    """The configured data set's splits; a loading problem becomes a :class:`DataError` naming it."""
+    try:
+        return DATASETS.get(cfg.name)(**cfg.options)
+    except (ValueError, FileNotFoundError, OSError, TypeError) as err:
+        raise DataError(f"data {cfg.name!r}: {err}") from None
+
+
 def load_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dataset]:
-    """The data set's splits, and the student's training set (a stratified label subset if asked)."""
-    splits = DATASETS.get(cfg.name)(**cfg.options)
-    student_train = splits.train
-    if cfg.label_subset is not None:
-        if cfg.label_subset > len(splits.train):
-            raise ValueError(f"data.label_subset is {cfg.label_subset} but {cfg.name} has only {len(splits.train)} training samples")
-        student_train = stratified_subset(splits.train, cfg.label_subset, seed=cfg.subset_seed)
-    return splits, student_train
+    """The data set's splits, and what the trainable participants train on: the training
+    split, a stratified label subset of it, or a label subset plus an unlabelled transfer set."""
+    splits = load_splits(cfg)
+    train = splits.train
+    if cfg.label_subset is None:
+        return splits, train
+    if cfg.label_subset > len(train):
+        raise DataError(f"data.label_subset is {cfg.label_subset} but {cfg.name} has only {len(train)} training samples")
+    labelled = stratified_subset(train, cfg.label_subset, seed=cfg.subset_seed)
+    if cfg.transfer is None:
+        return splits, labelled
+    return splits, TransferSet(labelled, transfer_pool(cfg, splits))
 
 
-def make_model(cfg: ModelConfig, splits: DataSplits, *, role: str) -> nn.Module:
-    """Build a zoo model for the data's input shape and classes; load ``weights`` if given."""
-    model = build_model(cfg.name, input_shape=splits.input_shape, num_classes=splits.num_classes, **cfg.options)
-    if cfg.weights:
-        load_into(model, load_weights(cfg.weights, what=f"{role}.weights"), source=f"{role}.weights {cfg.weights!r}")
+def transfer_pool(cfg: DataConfig, splits: DataSplits):
+    """The unlabelled part of the transfer set: the rest of the training split, or another
+    data set's training split (its sample ids offset past this one's)."""
+    if cfg.transfer == "rest":
+        labelled_ids = stratified_subset(splits.train, cfg.label_subset, seed=cfg.subset_seed).sample_ids
+        return complement(splits.train, labelled_ids)
+    other = load_splits(DataConfig(name=cfg.transfer.name, options=cfg.transfer.options))
+    if other.input_shape != splits.input_shape:
+        raise DataError(
+            f"data.transfer: {cfg.transfer.name} has inputs of shape {other.input_shape}, but {cfg.name} has "
+            f"{splits.input_shape}; a transfer set must fit the same models"
+        )
+    return with_id_offset(other.train, int(splits.train.sample_ids.max()) + 1)
+
+
+def cache_pool(cfg: DataConfig, splits: DataSplits):
+    """Every training sample a teacher may be asked about: the whole training split, plus
+    the external transfer data if configured (what ``transfuse cache-teacher`` covers)."""
+    if cfg.transfer is None or cfg.transfer == "rest":
+        return splits.train
+    pool = transfer_pool(cfg, splits)
+    return _concat(splits.train, pool)
+
+
+def _concat(a, b):
+    from .data import ArrayDataset
+
+    if isinstance(a, ArrayDataset) and isinstance(b, ArrayDataset):
+        return ArrayDataset(torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets]),
+                            ids=torch.cat([a.sample_ids, b.sample_ids]))
+    return torch.utils.data.ConcatDataset([a, b])
+
+
+def make_model(cfg: ParticipantConfig, splits: DataSplits, *, role: str, load: bool = True) -> nn.Module:
+    """Build a zoo model for the data's input shape and classes; load ``weights`` if given (and ``load``)."""
+    try:
+        model = build_model(cfg.name, input_shape=splits.input_shape, num_classes=splits.num_classes, **cfg.options)
+    except (ValueError, TypeError, ImportError, OSError) as err:
+        raise ModelError(f"participants.{role}: cannot build model {cfg.name!r}: {err}") from None
+    if cfg.weights and load:
+        load_into(model, load_weights(cfg.weights, what=f"participants.{role}.weights"),
+                  source=f"participants.{role}.weights {cfg.weights!r}")
     return model
 
 
-def resolve_tap(key: str, model: nn.Module, *, role: str, default: str) -> str:
-    """``auto`` -> the method's default input; ``feature``/``hint`` -> the model's declared module path."""
-    if key == "auto":
-        key = default
-    if key == LOGITS:
-        return LOGITS
-    if key in TAP_ROLES:
-        path = getattr(model, TAP_ROLES[key], None)
-        if not path:
-            raise ValueError(
-                f"the {role} model ({type(model).__name__}) declares no default {key!r} tap; set "
-                f"distill.{role}_layer (or the term's `{role}:`) to a module path"
-            )
-        return path
-    return key
+def make_participants(cfg: RunConfig, splits: DataSplits) -> dict[str, Any]:
+    """Every participant, by name: trainable ones built from the run's seed, in config
+    order; frozen ones built (and loaded from ``weights``) on a forked RNG so they never
+    shift the students' initialisation; a frozen one with ``cache`` becomes a
+    :class:`~transfuse.sources.CachedOutputs` and is not built at all."""
+    from .cache import TeacherCache
+
+    torch.manual_seed(cfg.seed)  # the trainable models' initial weights depend on the run's seed only
+    out: dict[str, Any] = {}
+    for name, p in cfg.participants.items():
+        if p.trainable:
+            out[name] = Participant(name, make_model(p, splits, role=name), trainable=True)
+        elif p.cache:
+            out[name] = CachedOutputs(name, TeacherCache.open(p.cache, expect_identity=cache_identity(cfg, name, splits)))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                out[name] = Participant(name, make_model(p, splits, role=name), trainable=False)
+    return out
+
+
+def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble]:
+    """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble` objects."""
+    return {
+        name: Ensemble(name, s.members, combine=s.combine, temperature=s.temperature, weights=s.weights)
+        for name, s in sources.items()
+    }
+
+
+def probe_shapes(model: nn.Module, paths, batch: Mapping[str, torch.Tensor], *, role: str) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes (batch dim dropped) of ``model``'s logits and of the tapped ``paths``.
+
+    One forward pass in eval mode without autograd, so losses with learnable parts can be
+    sized before the optimizer exists; the model's train/eval mode is restored afterwards.
+    """
+    from .models.outputs import call_model
+
+    was_training = model.training
+    model.eval()
+    taps = FeatureTaps(model, [p for p in paths if p != LOGITS], role=role)
+    try:
+        with torch.no_grad(), taps:
+            logits = call_model(model, batch)
+        out = {LOGITS: logits, **taps.collect()}
+    finally:
+        model.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], batch) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per-sample shapes of every field a term reads, by source (ensembles from their first member)."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    wanted = {name: set(fields) for name, fields in wanted.items()}
+    changed = True
+    while changed:  # an ensemble's fields are asked of its members too
+        changed = False
+        for name in list(wanted):
+            for member in sources[name].inputs:
+                before = len(wanted.setdefault(member, set()))
+                wanted[member] |= wanted[name]
+                changed |= len(wanted[member]) != before
+    for name, fields in wanted.items():
+        source = sources[name]
+        fields = {source.resolve_field(f) for f in fields}
+        if isinstance(source, Participant):
+            shapes[name] = probe_shapes(source.model, fields, batch, role=name)
+        elif isinstance(source, CachedOutputs):
+            stored = source.cache.manifest.fields
+            missing = sorted(fields - set(stored))
+            if missing:
+                raise CheckpointError(
+                    f"participant {name!r} is answered from a teacher-output cache that holds fields "
+                    f"{sorted(stored)} but not {missing}; rebuild it with `transfuse cache-teacher` for this config"
+                )
+            shapes[name] = {f: tuple(stored[f].shape) for f in stored}
+    for name in wanted:
+        if name not in shapes:  # an ensemble: its fields have its (first) member's shapes
+            first = name
+            while first not in shapes:
+                first = sources[first].inputs[0]
+            shapes[name] = shapes[first]
+    return shapes
 
 
 def make_terms(
-    cfg: DistillConfig,
-    student: nn.Module,
-    teacher_model: nn.Module | None,
-    probe_batch: dict[str, torch.Tensor],
-    *,
-    num_train_samples: int,
+    terms: list[TermConfig], sources: Mapping[str, Any], probe_batch: Mapping[str, torch.Tensor], *,
+    num_train_samples: int, total_steps: int,
 ) -> list[Term]:
-    """The Distiller's terms, each loss sized by one probe forward pass of both models."""
-    specs = []
-    for tc in cfg.resolved_terms():
-        entry = LOSSES.entry(tc.loss)
-        default = entry.meta["inputs"]
-        s_key = resolve_tap(tc.student, student, role="student", default=default)
-        t_key = None
-        if entry.obj.uses_teacher:
-            t_key = resolve_tap(tc.teacher, teacher_model, role="teacher", default=default)
-        specs.append((tc, entry, s_key, t_key))
+    """The Distiller's terms, resolved once: references completed with each loss's default
+    field, every loss sized by one probe forward pass of the models it compares."""
+    resolved = []
+    for tc in terms:
+        spec = LOSSES.get(tc.loss)
+        inp = _complete(tc.input, spec.inputs)
+        tgt = _complete(tc.target or "teacher", spec.inputs) if spec.uses_teacher else None
+        resolved.append((tc, spec, inp, tgt))
 
-    s_shapes = probe_shapes(student, [s for _, _, s, _ in specs if s != LOGITS], probe_batch, role="student")
-    t_shapes = {}
-    if teacher_model is not None and any(t for *_, t in specs):
-        t_shapes = probe_shapes(teacher_model, [t for *_, t in specs if t and t != LOGITS], probe_batch, role="teacher")
+    wanted: dict[str, set[str]] = {}
+    for _, _, inp, tgt in resolved:
+        for ref in (inp, tgt):
+            if ref is not None:
+                wanted.setdefault(ref.source, set()).add(ref.field)
+    shapes = _source_shapes(sources, wanted, probe_batch)
 
-    terms, used = [], set()
-    for tc, entry, s_key, t_key in specs:
+    out, used = [], set()
+    for tc, spec, inp, tgt in resolved:
         name = tc.name or tc.loss
         if name in used:
             name = f"{name}_{len(used)}"
         used.add(name)
-        loss = entry.obj.from_shapes(
-            student_shape=s_shapes[s_key],
-            teacher_shape=t_shapes.get(t_key) if t_key else None,
-            num_train_samples=num_train_samples,
-            **tc.options,
+        s_shape = shapes[inp.source][sources[inp.source].resolve_field(inp.field)]
+        t_shape = shapes[tgt.source][sources[tgt.source].resolve_field(tgt.field)] if tgt is not None else None
+        loss = spec.from_shapes(student_shape=s_shape, teacher_shape=t_shape, num_train_samples=num_train_samples, **tc.options)
+        out.append(
+            Term(name=name, loss=loss, weight=spec.weight if tc.weight is None else tc.weight, input=inp, target=tgt,
+                 schedule=_schedule(tc, spec, total_steps), detach_target=tc.detach_target, mask=tc.mask,
+                 sample_weights=tc.sample_weights)
         )
-        schedule = SCHEDULES.get(tc.schedule.kind)(**tc.schedule.options) if tc.schedule else Constant()
-        weight = entry.meta["weight"] if tc.weight is None else tc.weight
-        terms.append(Term(name=name, loss=loss, weight=weight, student_key=s_key, teacher_key=t_key or LOGITS, schedule=schedule))
-    return terms
+    return out
+
+
+def _complete(text: str, default_field: str) -> Ref:
+    """``"student"`` -> ``student.<the loss's default field>``; a full reference stays as written."""
+    return Ref(text, default_field) if "." not in text else Ref.parse(text)
+
+
+def _schedule(tc: TermConfig, spec, total_steps: int):
+    if tc.schedule is not None:
+        return SCHEDULES.get(tc.schedule.kind)(**tc.schedule.options)
+    default = getattr(spec, "schedule", None)
+    if default is None:
+        return Constant()
+    options = dict(default.options)
+    if default.fraction is not None:
+        options["steps"] = max(1, round(default.fraction * total_steps))
+    return SCHEDULES.get(default.kind)(**options)
+
+
+def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
+    """Participants, sources and terms assembled; every shape and reference checked."""
+    participants = make_participants(cfg, splits)
+    sources = {**participants, **make_ensembles(cfg.resolved_sources())}
+    terms = make_terms(cfg.resolved_terms(), sources, first_batch(train_set), num_train_samples=len(train_set),
+                       total_steps=cfg.train.steps)
+    return Distiller(list(sources.values()), terms)
+
+
+def make_optimizers(cfg: RunConfig, distiller: Distiller) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per trainable participant, over its model and the learnable parts of
+    the terms that train it (FitNets' regressor belongs to the student's optimizer)."""
+    optimizers = {}
+    for name, model in distiller.models.items():
+        params = list(model.parameters())
+        for term in distiller.terms:
+            if term.input.source == name:
+                params += list(term.loss.parameters())
+        optimizers[name] = make_optimizer_from(cfg.participants[name].optim or cfg.optim, params)
+    return optimizers
 
 
 def make_optimizer_from(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -127,23 +276,58 @@ def make_optimizer_from(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     return make_optimizer(params, name=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
-def fit_settings(train: TrainConfig, optim: OptimConfig, *, seed: int, description: str) -> FitSettings:
-    """Engine settings from the train and optim sections."""
-    return FitSettings(
-        steps=train.steps, batch_size=train.batch_size, seed=seed, accumulate=train.accumulate, grad_clip=train.grad_clip,
-        base_lr=optim.lr, lr_schedule=optim.schedule, warmup_steps=optim.warmup_steps, log_every=train.log_every,
-        checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints, eval_every=train.eval_every,
-        progress=train.progress, description=description,
-    )
+def fit_settings(train: TrainConfig, optim: OptimConfig, *, seed: int, description: str, **changes: Any) -> FitSettings:
+    """Engine settings: every field the train section shares with :class:`FitSettings`,
+    plus the learning-rate schedule from ``optim``, then ``changes``."""
+    names = {f.name for f in dataclasses.fields(FitSettings)}
+    shared = {k: v for k, v in train.model_dump().items() if k in names}
+    values = {**shared, "lr_schedule": optim.schedule, "warmup_steps": optim.warmup_steps, "seed": seed,
+              "description": description, **changes}
+    return FitSettings(**values)
 
 
-def teacher_cache_key(cfg: RunConfig) -> str:
-    """Content hash of everything that determines a trained teacher (model, its training, the data)."""
-    assert cfg.teacher is not None
+def teacher_cache_key(cfg: RunConfig, name: str = "teacher") -> str:
+    """Content hash of everything that determines a trained frozen participant (model, its training, the data)."""
+    p = cfg.participants[name]
     what = {
-        "model": {"name": cfg.teacher.name, "options": cfg.teacher.options},
-        "train": cfg.teacher.train.model_dump(mode="json"),
+        "model": {"name": p.name, "options": p.options},
+        "train": p.train.model_dump(mode="json"),
         "data": {"name": cfg.data.name, "options": cfg.data.options},
         "precision": cfg.fabric.precision,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_weights_path(cfg: RunConfig, name: str):
+    """Where a frozen participant's weights are: ``weights``, or its slot in the trained-teacher cache."""
+    from pathlib import Path
+
+    p = cfg.participants[name]
+    if p.weights:
+        return Path(p.weights)
+    return Path(p.cache_dir) / f"{p.name}-{teacher_cache_key(cfg, name)}.safetensors"
+
+
+def cache_identity(cfg: RunConfig, name: str, splits: DataSplits) -> dict[str, str]:
+    """What a teacher-output cache must match to stand in for frozen participant ``name``:
+    its model, the hash of its weights file, the data it covers and the forward precision."""
+    from .cache import file_sha256, fingerprint
+
+    p = cfg.participants[name]
+    weights = teacher_weights_path(cfg, name)
+    if not weights.is_file():
+        raise CheckpointError(
+            f"participants.{name}.cache: cannot check the cache against the teacher, because its weights "
+            f"{str(weights)!r} are not here; give participants.{name}.weights, or run once without the cache so the "
+            "teacher is trained"
+        )
+    pool = cache_pool(cfg.data, splits)
+    inputs = getattr(pool, "inputs", None)
+    transfer = cfg.data.transfer.model_dump(mode="json") if cfg.data.transfer not in (None, "rest") else None
+    return {
+        "teacher_model": json.dumps({"name": p.name, "options": p.options}, sort_keys=True),
+        "teacher_weights_sha256": file_sha256(weights),
+        "dataset": fingerprint(name=cfg.data.name, options=cfg.data.options, transfer=transfer, num_samples=len(pool),
+                               tensors=[pool.sample_ids] + ([inputs] if isinstance(inputs, torch.Tensor) else [])),
+        "precision": cfg.fabric.precision,
+    }

@@ -2,9 +2,9 @@
 
 A checkpoint is a folder ``checkpoints/step-00000100/`` holding
 
-* ``model.safetensors`` -- the Distiller's state (student + learnable loss parts and
-  buffers such as CRD's memory banks); never the teacher;
-* ``state.pt`` -- optimizer state, step, RNG states; read back with
+* ``model.safetensors`` -- the Distiller's state (every trainable participant, learnable
+  loss parts and buffers such as CRD's memory banks); never a frozen participant;
+* ``state.pt`` -- every optimizer's state, step, RNG states; read back with
   ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
 
 It is written under a temporary name and renamed into place, and ``checkpoints/latest``
@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic
+from .errors import UserError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -33,7 +34,7 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A checkpoint or weights file that is missing or unreadable."""
 
 

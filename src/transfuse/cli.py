@@ -13,6 +13,8 @@ examples:
   transfuse run configs/digits/kd.yaml            # one run from a YAML config
   transfuse run configs/digits/kd.yaml --set train.steps=200 --set distill.options.temperature=2
   transfuse run configs/digits/kd.yaml --out runs/kd1 --resume   # continue after an interruption
+  transfuse cache-teacher configs/digits/kd.yaml --out runs/kd-cache   # teacher outputs to disk, once
+  transfuse run configs/digits/kd.yaml --set teacher.cache=runs/kd-cache  # then train without the teacher
   transfuse methods --json                        # every registered method with its paper
 """
 
@@ -42,20 +44,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a field of the demo config")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    c = sub.add_parser("cache-teacher", help="run a frozen participant once over the training data and store its outputs",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config", help="path to a YAML run config (the cache holds what its terms read from the participant)")
+    c.add_argument("--out", required=True, help="cache folder to create (written atomically)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    c.add_argument("--participant", default="teacher", help="which frozen participant to cache (default: teacher)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type (default: float32)")
+    c.add_argument("--batch-size", type=int, help="teacher batch size (default: train.eval_batch_size)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
     m = sub.add_parser("methods", help="list the registered distillation methods")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
 def methods_table() -> list[dict[str, object]]:
-    """Every registered method: name, kind, paper, one-line description, default weights."""
-    from .losses import LOSSES
+    """Every registered method: the losses (name, kind, paper, defaults) and the schemes."""
+    from .losses import describe_losses
+    from .schemes import SCHEMES
 
-    return [
-        {"name": e.name, "kind": e.meta["kind"], "paper": e.meta["paper"], "description": e.summary,
-         "inputs": e.meta["inputs"], "weight": e.meta["weight"], "ce_weight": e.meta["ce_weight"]}
-        for e in LOSSES.entries()
-    ]
+    rows = describe_losses()
+    rows += [{"name": e.name, "kind": "scheme", "paper": e.meta.get("paper"), "description": e.summary} for e in SCHEMES.entries()]
+    return sorted(rows, key=lambda r: str(r["name"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,16 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .distiller import DistillShapeError, MissingBatchKeyError
-    from .engine import NonFiniteLossError
+    """The project's own error types (and a registry's unknown name) print as one paragraph;
+    anything else is a bug in transfuse and keeps its traceback."""
+    from .cache import CacheError
+    from .errors import UserError
     from .registry import UnknownNameError
-    from .run import RunDirError
-    from .taps import TapError
 
-    return isinstance(err, (ConfigError, CheckpointError, UnknownNameError, RunDirError, NonFiniteLossError, DistillShapeError,
-                            MissingBatchKeyError, TapError, FileNotFoundError, FileExistsError, ImportError, ValueError))
+    return isinstance(err, (UserError, CacheError, UnknownNameError))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -102,7 +112,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             width = max(len(r["name"]) for r in rows)
             for r in rows:
-                print(f"{r['name']:<{width}}  {r['kind']:<9} {r['description']}\n{'':<{width}}  {'':<9} {r['paper']}")
+                print(f"{r['name']:<{width}}  {r['kind']:<9} {r['description']}\n{'':<{width}}  {'':<9} {r['paper'] or '(in-house)'}")
         return 0
     if args.command == "run":
         from .config import load_config
@@ -111,7 +121,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg, out_dir=args.out, resume=args.resume, quiet=args.quiet)
         if summary:
-            print(json.dumps({k: summary[k] for k in ("name", "student", "teacher", "agreement", "steps", "wall_time_s")}, indent=2))
+            keys = ("name", "student", "teacher", "agreement", "participants", "steps", "wall_time_s")
+            print(json.dumps({k: summary[k] for k in keys}, indent=2))
+        return 0
+    if args.command == "cache-teacher":
+        from .cache_teacher import cache_teacher
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        report = cache_teacher(cfg, args.out, participant=args.participant, dtype=args.dtype, batch_size=args.batch_size,
+                               overwrite=args.overwrite, quiet=args.quiet)
+        print(json.dumps(report, indent=2))
         return 0
     if args.command == "demo":
         from .demo import format_table, run_demo

@@ -9,17 +9,20 @@ what was expected.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+
 NO_DISTILLATION = "none"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that does not validate; the message names the file, the field and what was expected."""
 
 
@@ -49,11 +52,17 @@ class ModelConfig(_Strict):
     def _known(self) -> "ModelConfig":
         from .models import MODELS
         MODELS.check_options(self.name, self.options, where="options")
+        reserved = sorted({"input_shape", "num_classes"} & set(self.options))
+        if reserved:
+            raise ValueError(
+                f"options: {', '.join(reserved)} come from the data set and cannot be set here "
+                "(every participant is built for the data's input shape and classes)"
+            )
         return self
 
 
 class TeacherTrainConfig(_Strict):
-    """How to train the teacher when no ``weights`` file is given (cached by content hash)."""
+    """How a frozen participant without ``weights`` is trained first, from labels (cached by content hash)."""
 
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -61,25 +70,85 @@ class TeacherTrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
-class TeacherConfig(ModelConfig):
-    """The teacher: loaded from ``weights``, or trained once on the full training split and cached."""
+class ParticipantConfig(ModelConfig):
+    """A named model of the run.
 
+    ``trainable: true`` (a student, a peer): optimised with ``optim`` (default: the run's
+    top-level ``optim``) and checkpointed. ``trainable: false`` (a teacher): frozen; loaded
+    from ``weights``, or trained first on the full training split (``train``) and cached in
+    ``cache_dir`` by content hash; with ``cache`` it is not loaded or run at all, and its
+    outputs are read from a teacher-output cache folder (``transfuse cache-teacher``).
+    """
+
+    trainable: bool = True
+    optim: OptimConfig | None = None
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     cache_dir: str = ".cache/transfuse/teachers"
+    cache: str | None = None
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ParticipantConfig":
+        if self.trainable and self.cache:
+            raise ValueError("cache: only a frozen participant (trainable: false) can be answered from a teacher-output cache")
+        if not self.trainable and self.optim is not None:
+            raise ValueError("optim: a frozen participant (trainable: false) is never optimised")
+        return self
+
+
+#: Kept for code that names the teacher's section type.
+TeacherConfig = ParticipantConfig
+
+
+class EnsembleConfig(_Strict):
+    """A source that combines other sources: ``mean_probs`` (weighted mean of the members'
+    probabilities at ``temperature``) or ``mean_logits``."""
+
+    members: list[str] = Field(min_length=1)
+    combine: Literal["mean_probs", "mean_logits"] = "mean_probs"
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EnsembleConfig":
+        if self.weights is not None and (len(self.weights) != len(self.members) or sum(self.weights) <= 0):
+            raise ValueError(f"weights: expected {len(self.members)} non-negative numbers with a positive sum, one per member")
+        return self
+
+
+class TransferDataConfig(_Strict):
+    """Another registered data set whose training split serves as unlabelled transfer data."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "TransferDataConfig":
+        from .data import DATASETS
+        DATASETS.check_options(self.name, self.options, where="options")
+        return self
 
 
 class DataConfig(_Strict):
-    """A registered data set, and how much of its training split the student sees."""
+    """A registered data set, how much of its training split the student sees with labels,
+    and the unlabelled transfer set.
+
+    ``transfer: rest`` adds the rest of the training split (after ``label_subset``) without
+    labels; a ``{name, options}`` section adds another data set's training split. The
+    label loss counts only labelled samples; the teacher terms count all.
+    """
 
     name: str = "digits"
     options: dict[str, Any] = Field(default_factory=dict)
     label_subset: int | None = Field(None, ge=1, description="student trains on this many labelled samples (class-stratified); the teacher on all")
     subset_seed: int = 0
+    transfer: Literal["rest"] | TransferDataConfig | None = None
 
     @model_validator(mode="after")
     def _known(self) -> "DataConfig":
         from .data import DATASETS
         DATASETS.check_options(self.name, self.options, where="options")
+        if self.transfer == "rest" and self.label_subset is None:
+            raise ValueError("transfer: 'rest' means the training samples outside label_subset, so label_subset must be set")
         return self
 
 
@@ -97,17 +166,40 @@ class ScheduleConfig(_Strict):
 
 
 class TermConfig(_Strict):
-    """One loss term. ``student``/``teacher``: ``"logits"``, ``"feature"`` (the model's
-    penultimate embedding), ``"hint"`` (its intermediate map), a module path, or ``"auto"``
-    (what the method compares by default)."""
+    """One loss term between two references ``<participant or source>[.<field>]``.
+
+    ``input`` is a trainable participant's output (default ``student``); ``target`` what it
+    learns from (default ``teacher`` for losses that read a target). A bare name means the
+    loss's default field (``logits``, ``feature`` = penultimate embedding, ``hint`` =
+    intermediate map); otherwise name the field: ``teacher.logits``, ``peer.feature``,
+    ``student.layers.act1`` (a module path). The target is detached unless
+    ``detach_target: false``. ``mask``/``sample_weights`` name batch entries.
+    """
 
     loss: str
     name: str | None = None
-    weight: float | None = None
+    weight: float | None = Field(None, allow_inf_nan=False)
     options: dict[str, Any] = Field(default_factory=dict)
-    student: str = "auto"
-    teacher: str = "auto"
+    input: str = "student"
+    target: str | None = None
     schedule: ScheduleConfig | None = None
+    detach_target: bool = True
+    mask: str | None = None
+    sample_weights: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        # Before v2 a term named the side's field only (`student: hint`, `teacher: auto`).
+        if isinstance(data, dict) and ("student" in data or "teacher" in data):
+            data = dict(data)
+            for old, new in (("student", "input"), ("teacher", "target")):
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"give `{new}` (a reference such as {old}.logits), not both `{old}` and `{new}`")
+                    value = data.pop(old)
+                    data[new] = old if value in (None, "auto") else f"{old}.{value}"
+        return data
 
     @model_validator(mode="after")
     def _known(self) -> "TermConfig":
@@ -117,17 +209,19 @@ class TermConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """What the student learns from.
+    """What the trainable participants learn from.
 
-    Short form: ``method`` (a registered loss, or ``none`` for training from labels only)
-    plus its ``options``; a CE term is added with the method's default ``ce_weight``.
-    Long form: an explicit list of ``terms`` (then ``method`` must be left out).
+    Short form: ``method`` -- a registered loss (``kd``, ``dkd``, ...: the student learns
+    from the teacher, plus a label CE term with the method's default ``ce_weight``), a
+    scheme (``dml``, ``multi_teacher``: participants and terms set up together), or
+    ``none`` (labels only) -- plus its ``options``. Long form: an explicit list of
+    ``terms`` (then ``method`` must be left out).
     """
 
     method: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    weight: float | None = None
-    ce_weight: float | None = None
+    weight: float | None = Field(None, allow_inf_nan=False)
+    ce_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up of the distillation term (DKD uses it)")
     student_layer: str = "auto"
     teacher_layer: str = "auto"
@@ -136,45 +230,40 @@ class DistillConfig(_Strict):
     @model_validator(mode="after")
     def _known(self) -> "DistillConfig":
         from .losses import LOSSES
+        from .schemes import SCHEMES
 
         if self.terms is not None and self.method is not None:
             raise ValueError("give either `method` (short form) or `terms` (long form), not both")
+        if self.terms is not None and not self.terms:
+            raise ValueError("terms: the list is empty; give at least one term (or use `method:`)")
         if self.terms is None:
             method = self.method or "kd"
-            if method != NO_DISTILLATION:
+            if method == NO_DISTILLATION:
+                if self.options:
+                    raise ValueError("method 'none' takes no options")
+            elif method in SCHEMES:
+                SCHEMES.get(method).check(self.options)
+            elif method not in LOSSES:
+                valid = sorted({*LOSSES.names(), *SCHEMES.names(), NO_DISTILLATION})
+                close = difflib.get_close_matches(method, valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown method {method!r}.{hint} Valid methods: {', '.join(valid)}.")
+            else:
                 LOSSES.check_options(method, self.options, where="options")
-            elif self.options:
-                raise ValueError("method 'none' takes no options")
         return self
 
-    def resolved_terms(self) -> list[TermConfig]:
-        """The long form: the explicit terms, or the short form expanded with the registry's defaults."""
-        from .losses import LOSSES
 
-        if self.terms is not None:
-            return list(self.terms)
-        method = self.method or "kd"
-        if method == NO_DISTILLATION:
-            return [TermConfig(loss="ce", weight=self.ce_weight if self.ce_weight is not None else 1.0)]
-        meta = LOSSES.entry(method).meta
-        ce_weight = meta["ce_weight"] if self.ce_weight is None else self.ce_weight
-        terms = []
-        if ce_weight > 0 and method != "ce":
-            terms.append(TermConfig(loss="ce", weight=ce_weight))
-        schedule = (
-            ScheduleConfig(kind="warmup", options={"steps": self.warmup_steps}) if self.warmup_steps else None
-        )
-        terms.append(
-            TermConfig(
-                loss=method,
-                weight=self.weight,
-                options=self.options,
-                student=self.student_layer,
-                teacher=self.teacher_layer,
-                schedule=schedule,
-            )
-        )
-        return terms
+class RecipeConfig(_Strict):
+    """The inner training step (``transfuse.recipes``): ``default`` unless a method needs another."""
+
+    name: str = "default"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "RecipeConfig":
+        from .recipes import RECIPES
+        RECIPES.check_options(self.name, self.options, where="options")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -204,30 +293,118 @@ class FabricConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """Everything one ``transfuse run`` needs."""
+    """Everything one ``transfuse run`` needs.
+
+    ``participants`` names the run's models (``student``, ``teacher``, ``peer``, ...);
+    the pre-v2 top-level ``student:``/``teacher:`` sections are still accepted and become
+    ``participants.student`` (trainable) and ``participants.teacher`` (frozen).
+    ``sources`` adds ensembles over participants.
+    """
 
     name: str = "run"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
-    student: ModelConfig
-    teacher: TeacherConfig | None = None
+    participants: dict[str, ParticipantConfig]
+    sources: dict[str, EnsembleConfig] = Field(default_factory=dict)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     fabric: FabricConfig = Field(default_factory=FabricConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        participants = dict(data.get("participants") or {})
+        for role, trainable in (("student", True), ("teacher", False)):
+            if role not in data:
+                continue
+            section = data.pop(role)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                raise ValueError(f"{role}: expected a section (name, options, ...), got {section!r}")
+            merged = _deep_merge(participants.get(role) or {}, section)
+            merged.setdefault("trainable", trainable)
+            participants[role] = merged
+        if "participants" in data or participants:
+            data["participants"] = participants
+        return data
 
     @model_validator(mode="after")
-    def _teacher_when_needed(self) -> "RunConfig":
+    def _wiring(self) -> "RunConfig":
         from .losses import LOSSES
 
-        users = [t.loss for t in self.distill.resolved_terms() if LOSSES.get(t.loss).uses_teacher]
-        if users and self.teacher is None:
-            raise ValueError(f"distill uses {users}, which learn from a teacher, but no `teacher:` section is given")
+        for name in [*self.participants, *self.sources]:
+            if not name.isidentifier():
+                raise ValueError(f"participants/sources: name {name!r} must be an identifier (letters, digits, underscores)")
+        clash = sorted(set(self.participants) & set(self.sources))
+        if clash:
+            raise ValueError(f"sources: {clash} are already participant names")
+        if not any(p.trainable for p in self.participants.values()):
+            raise ValueError("participants: at least one must be trainable (a student)")
+        known = {**self.participants, **self.sources}
+        for name, source in self.sources.items():
+            for member in source.members:
+                if member not in known or member == name:
+                    raise ValueError(f"sources.{name}.members: {member!r} is not a participant or another source; "
+                                     f"defined: {', '.join(sorted(known))}")
+        sources = self.resolved_sources()
+        for i, term in enumerate(self.resolved_terms()):
+            where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"
+            _check_ref(term.input, where, "input", self.participants, sources, trainable=True)
+            target = term.target
+            if target is None and LOSSES.get(term.loss).uses_teacher:
+                target = "teacher"  # what a term without a target learns from
+            if target is not None:
+                _check_ref(target, where, "target", self.participants, sources, trainable=False)
         return self
+
+    @property
+    def method_name(self) -> str:
+        """``custom`` for the long form, else the short form's method."""
+        return "custom" if self.distill.terms is not None else (self.distill.method or "kd")
+
+    def resolved_terms(self) -> list[TermConfig]:
+        """The long form: the explicit terms, or the short form expanded by its scheme."""
+        from .schemes import expand
+
+        return expand(self.distill, self.participants)[0]
+
+    def resolved_sources(self) -> dict[str, EnsembleConfig]:
+        """``sources`` plus any the short form's scheme adds (``multi_teacher``'s ensemble)."""
+        from .schemes import expand
+
+        return {**self.sources, **expand(self.distill, self.participants)[1]}
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default written out)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_ref(ref: str, where: str, role: str, participants: dict, sources: dict, *, trainable: bool) -> None:
+    name = ref.split(".", 1)[0]
+    if name in participants:
+        if trainable and not participants[name].trainable:
+            raise ValueError(f"{where}: {role} {ref!r} is a frozen participant; a term trains its input, so the input "
+                             "must be a trainable participant")
+        return
+    if name in sources and not trainable:
+        return
+    defined = ", ".join(sorted([*participants, *sources]))
+    hint = " (add a `teacher:` section, or a participant of that name)" if name == "teacher" else ""
+    raise ValueError(f"{where}: {role} {ref!r} names no {'trainable participant' if trainable else 'participant or source'}"
+                     f"{hint}; defined: {defined}")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

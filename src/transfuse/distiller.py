@@ -1,154 +1,281 @@
-"""The Distiller: a student, a teacher and weighted loss terms, composed into one loss.
+"""The Distiller: participants, sources and weighted terms, composed into one loss.
 
-``Distiller(student, teacher, terms)(batch, step)`` runs the student (with its feature
-taps), runs the teacher once if any term needs it, evaluates every :class:`Term` and
-returns ``{"loss": scalar, "parts": {term name: unweighted value}, "weights": {...},
-"student_logits": (B, C)}``. It is an ``nn.Module`` whose parameters are the student's
-plus the learnable parts of the losses (regressors, embeddings); the teacher is held
-outside the module tree, so it is never optimised and never checkpointed.
+``Distiller(sources, terms)(batch, step)`` asks every source for the outputs some term
+references (each source once per batch), evaluates every :class:`Term` and returns
+``{"loss": scalar, "parts": {term: unweighted value}, "weights": {term: float},
+"logits": {trainable participant: (B, ...)}}``.
+
+* A term compares ``input`` (a reference ``"<source>.<field>"`` on a trainable
+  participant, e.g. ``student.logits``) with ``target`` (``teacher.logits``,
+  ``peer.feature``, ``teachers.logits``); the target is detached by default, so a term
+  trains only its input's participant. Deep mutual learning is two trainable
+  participants and two symmetric terms.
+* Every loss sees the term's ``mask`` (a boolean batch entry; losses that read labels
+  default to ``batch["labelled"]`` when the batch has it, so unlabelled transfer-set
+  samples count for the teacher terms only) and optional per-sample ``weights`` (a batch
+  entry): both go through the one reduction, :func:`transfuse.functional.reduce_positions`.
+* The Distiller is an ``nn.Module`` whose children are the trainable participants' models
+  (``models.<name>``) and the terms' losses (``losses.<term>``, learnable parts such as
+  FitNets' regressor included). Frozen participants and other sources are held outside
+  the module tree: they are in neither ``parameters()`` nor ``state_dict()``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .losses.base import DistillLoss
+from .errors import UserError
+from .participants import LOGITS, Outputs, Participant, Source
 from .schedules import Constant, Schedule
-from .taps import FeatureTaps
-from .teacher import Teacher, TeacherLike, logits_of, model_input
 
-LOGITS = "logits"
-
-
-class DistillShapeError(ValueError):
-    """Student and teacher outputs that a term cannot compare."""
+#: Batch entry that marks labelled samples in a transfer set (absent: all are labelled).
+LABELLED = "labelled"
 
 
-class MissingBatchKeyError(KeyError):
+class DistillShapeError(UserError, ValueError):
+    """Two outputs that a term cannot compare."""
+
+
+class MissingBatchKeyError(UserError, KeyError):
     """A loss needs a batch entry (``target``, ``index``) the batch does not have."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
+@dataclass(frozen=True)
+class Ref:
+    """A reference to one output of one source: ``Ref("teacher", "logits")``."""
+
+    source: str
+    field: str = LOGITS
+
+    @classmethod
+    def parse(cls, text: "str | Ref") -> "Ref":
+        """``"student"`` -> logits of student; ``"student.layers.act1"`` -> that module path's output."""
+        if isinstance(text, Ref):
+            return text
+        source, _, rest = text.partition(".")
+        if not source:
+            raise ValueError(f"reference {text!r}: expected '<source>.<field>', e.g. 'teacher.logits'")
+        return cls(source, rest or LOGITS)
+
+    def __str__(self) -> str:
+        return f"{self.source}.{self.field}"
+
+
 @dataclass
 class Term:
-    """One weighted loss between a student output and a teacher output.
+    """One weighted loss between an input and a target reference.
 
-    ``student_key``/``teacher_key`` are ``"logits"`` or a module path tapped on that model.
-    The term's contribution at step ``s`` is ``weight * schedule.factor(s) * loss(...)``.
+    The contribution at step ``s`` is ``weight * schedule.factor(s) * loss(input, target)``.
+    ``target`` is ignored (and may be None) for losses that read no target (``ce``).
+    ``detach_target``: stop gradients into the target's participant (default); set it to
+    False only for a method that trains both sides through one term.
+    ``mask``: a boolean batch entry selecting the positions/samples the loss counts
+    (default: ``"labelled"`` for losses that read labels, when the batch has it).
+    ``sample_weights``: a float batch entry ``(B,)`` of per-sample weights.
     """
 
     name: str
-    loss: DistillLoss
+    loss: nn.Module
     weight: float = 1.0
-    student_key: str = LOGITS
-    teacher_key: str = LOGITS
+    input: Ref | str = "student.logits"
+    target: Ref | str | None = "teacher.logits"
     schedule: Schedule = field(default_factory=Constant)
+    detach_target: bool = True
+    mask: str | None = None
+    sample_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        self.input = Ref.parse(self.input)
+        self.target = Ref.parse(self.target) if self.target is not None and self.uses_target else None
+        if self.uses_target and self.target is None:
+            raise ValueError(f"term {self.name!r}: its loss compares with a target, but target is None")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Batch entries the loss reads (``target``, ``index``)."""
+        return tuple(getattr(self.loss, "needs", ()))
+
+    @property
+    def uses_target(self) -> bool:
+        return bool(getattr(self.loss, "uses_teacher", True))
 
 
 class Distiller(nn.Module):
-    """Composes student, teacher and terms; ``forward(batch, step)`` returns the loss and its parts."""
+    """Composes sources and terms; ``forward(batch, step)`` returns the loss and its parts."""
 
-    def __init__(self, student: nn.Module, teacher: TeacherLike | None, terms: Sequence[Term]) -> None:
+    def __init__(self, sources: Sequence[Source], terms: Sequence[Term]) -> None:
         super().__init__()
         if not terms:
             raise ValueError("a Distiller needs at least one term")
         names = [t.name for t in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"term names must be unique, got {names}")
-        self.student = student
-        self.losses = nn.ModuleDict({t.name: t.loss for t in terms})
+        by_name: dict[str, Source] = {}
+        for source in sources:
+            if source.name in by_name:
+                raise ValueError(f"two sources are named {source.name!r}")
+            by_name[source.name] = source
         self.terms = list(terms)
-        self.uses_teacher = any(t.loss.uses_teacher for t in terms)
-        if self.uses_teacher and teacher is None:
-            users = [t.name for t in terms if t.loss.uses_teacher]
-            raise ValueError(f"terms {users} compare with a teacher, but no teacher was given")
-        # Kept out of the module tree on purpose: not in parameters(), not in state_dict().
-        object.__setattr__(self, "teacher", teacher if self.uses_teacher else None)
-        self.student_taps = FeatureTaps(
-            student, [t.student_key for t in terms if t.student_key != LOGITS], role="student"
-        )
-        teacher_paths = [t.teacher_key for t in terms if t.loss.uses_teacher and t.teacher_key != LOGITS]
-        if teacher_paths:
-            if not isinstance(teacher, Teacher):
-                raise TypeError(f"terms tap teacher features {teacher_paths}, which needs a transfuse.Teacher")
-            teacher.add_taps(teacher_paths)  # FeatureTaps drops duplicate paths
+        self.losses = nn.ModuleDict({t.name: t.loss for t in terms})
+        # Only the trainable participants are children: optimised, checkpointed, DDP-wrapped.
+        self.models = nn.ModuleDict({s.name: s.model for s in sources if isinstance(s, Participant) and s.trainable})
+        if not self.models:
+            raise ValueError("a Distiller needs at least one trainable participant")
+        object.__setattr__(self, "sources", by_name)  # outside the module tree on purpose
 
-    def student_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The student's logits and tapped features for ``batch``."""
-        with self.student_taps:
-            logits = logits_of(self.student(model_input(batch)))
-        return {LOGITS: logits, **self.student_taps.collect()}
+        self._check_refs(by_name)
+        # Fields each source must produce, resolved once (aliases -> module paths).
+        fields: dict[str, set[str]] = {name: set() for name in by_name}
+        for name, source in by_name.items():
+            if isinstance(source, Participant) and source.trainable:
+                fields[name].add(LOGITS)  # evaluation and logging read every trainable model's logits
+        for term in self.terms:
+            for ref in (term.input, term.target):
+                if ref is not None:
+                    fields[ref.source].add(by_name[ref.source].resolve_field(ref.field))
+        self._order = _topological(by_name)
+        for name in reversed(self._order):  # an ensemble's fields are asked of its members too
+            for member in by_name[name].inputs:
+                fields[member] |= fields[name]
+        # Sources no term reads (a teacher of a labels-only run) are dropped: never run, never set up.
+        self._order = [n for n in self._order if fields[n]]
+        self._fields = {n: sorted(fields[n]) for n in self._order}
+        object.__setattr__(self, "sources", {n: by_name[n] for n in self._order})
+        for name in self._order:
+            source = by_name[name]
+            if isinstance(source, Participant):
+                source.add_taps(fields[name])
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int = 0) -> dict[str, object]:
-        student_out = self.student_outputs(batch)
-        teacher_out = self.teacher.predict(batch) if self.teacher is not None else {}
+    def _check_refs(self, by_name: Mapping[str, Source]) -> None:
+        for term in self.terms:
+            for role, ref in (("input", term.input), ("target", term.target)):
+                if ref is None:
+                    continue
+                if ref.source not in by_name:
+                    raise ValueError(
+                        f"term {term.name!r}: {role} {str(ref)!r} names no source; sources: {', '.join(sorted(by_name))}"
+                    )
+            source = by_name[term.input.source]
+            if not (isinstance(source, Participant) and source.trainable):
+                raise ValueError(
+                    f"term {term.name!r}: its input {str(term.input)!r} is not a trainable participant, so the term "
+                    "could train nothing; put a trainable participant on the input side"
+                )
+
+    @property
+    def participants(self) -> dict[str, Participant]:
+        """The participants (trainable, and frozen ones some term reads), by name."""
+        return {n: s for n, s in self.sources.items() if isinstance(s, Participant)}
+
+    def frozen(self) -> list[Participant]:
+        """The frozen participants that some term reads (the engine sets them up on Fabric)."""
+        return [s for s in self.sources.values() if isinstance(s, Participant) and not s.trainable]
+
+    def outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Outputs]:
+        """Every source's requested outputs for ``batch``, each source computed once."""
+        outs: dict[str, Outputs] = {}
+        for name in self._order:
+            outs[name] = self.sources[name].provide(batch, self._fields[name], outs)
+        return outs
+
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int = 0) -> dict[str, object]:
+        outs = self.outputs(batch)
         total: torch.Tensor | float = 0.0
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for term in self.terms:
-            s = student_out[term.student_key]
-            t = teacher_out[term.teacher_key] if term.loss.uses_teacher else None
-            if t is not None:
+            s = self._lookup(outs, term.input)
+            t = None
+            if term.target is not None:
+                t = self._lookup(outs, term.target)
+                if term.detach_target:
+                    t = t.detach()
                 _check_pair(term, s, t)
-            value = term.loss(s, t, **_needs(term, batch))
+            value = term.loss(s, t, mask=_mask(term, batch), weights=_entry(term, batch, term.sample_weights), **_needs(term, batch))
             weight = term.weight * term.schedule.factor(step)
             parts[term.name] = value.detach()
             weights[term.name] = weight
             total = total + weight * value
-        return {"loss": total, "parts": parts, "weights": weights, "student_logits": student_out[LOGITS]}
+        logits = {name: outs[name][LOGITS] for name in self.models}
+        return {"loss": total, "parts": parts, "weights": weights, "logits": logits}
+
+    def _lookup(self, outs: Mapping[str, Outputs], ref: Ref) -> torch.Tensor:
+        return outs[ref.source][self.sources[ref.source].resolve_field(ref.field)]
 
 
-def _needs(term: Term, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    missing = [k for k in term.loss.needs if k not in batch]
+def _topological(sources: Mapping[str, Source]) -> list[str]:
+    """Source names ordered so that every source comes after the sources it reads."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise ValueError(f"sources read each other in a cycle: {' -> '.join((*path, name))}")
+        if name not in sources:
+            raise ValueError(f"source {path[-1]!r} reads {name!r}, which is not a source; sources: {', '.join(sorted(sources))}")
+        state[name] = 1
+        for member in sources[name].inputs:
+            visit(member, (*path, name))
+        state[name] = 2
+        order.append(name)
+
+    for name in sources:
+        visit(name, ())
+    return order
+
+
+def _entry(term: Term, batch: Mapping[str, torch.Tensor], key: str | None) -> torch.Tensor | None:
+    if key is None:
+        return None
+    if key not in batch:
+        raise MissingBatchKeyError(f"term {term.name!r} reads batch entry {key!r}, but the batch has only {sorted(batch)}")
+    return batch[key]
+
+
+def _mask(term: Term, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    if term.mask is not None:
+        return _entry(term, batch, term.mask)
+    # A loss that reads labels must not count samples that have none.
+    if "target" in term.needs and LABELLED in batch:
+        return batch[LABELLED]
+    return None
+
+
+def _needs(term: Term, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    missing = [k for k in term.needs if k not in batch]
     if missing:
         raise MissingBatchKeyError(
             f"term {term.name!r} needs batch entries {missing}, but the batch has only {sorted(batch)}. "
-            "Datasets built by transfuse.data provide 'input', 'target' and 'index'; a custom dataset "
+            "Datasets built by transfuse.data provide 'input', 'target', 'index' and 'sample_id'; a custom dataset "
             "must return them too."
         )
-    return {k: batch[k] for k in term.loss.needs}
+    return {k: batch[k] for k in term.needs}
 
 
 def _check_pair(term: Term, student: torch.Tensor, teacher: torch.Tensor) -> None:
-    if student.shape[0] != teacher.shape[0]:
+    if student.shape[:1] != teacher.shape[:1]:
         raise DistillShapeError(
-            f"term {term.name!r}: the student's {term.student_key} has batch size {student.shape[0]} but the "
-            f"teacher's {term.teacher_key} has {teacher.shape[0]}; both models must see the same batch."
+            f"term {term.name!r}: {term.input} has batch size {student.shape[0]} but {term.target} has "
+            f"{teacher.shape[0]}; both sides must see the same batch."
         )
-    if term.student_key == LOGITS and term.teacher_key == LOGITS and student.shape != teacher.shape:
+    if term.input.field == LOGITS and term.target.field == LOGITS and student.shape != teacher.shape:
         s_classes, t_classes = student.shape[-1], teacher.shape[-1]
         what = (
-            f"the student predicts {s_classes} classes and the teacher {t_classes}"
+            f"{term.input.source} predicts {s_classes} classes and {term.target.source} {t_classes}"
             if s_classes != t_classes
             else "their non-class dimensions differ"
         )
         raise DistillShapeError(
-            f"term {term.name!r} compares student logits of shape {tuple(student.shape)} with teacher logits "
+            f"term {term.name!r} compares {term.input} of shape {tuple(student.shape)} with {term.target} "
             f"of shape {tuple(teacher.shape)}: {what}. Logit losses need both models to share one label "
             "space; build the student with the teacher's num_classes, or distil features instead."
         )
-
-
-@torch.no_grad()
-def probe_shapes(model: nn.Module, paths: Sequence[str], batch: dict[str, torch.Tensor], *, role: str) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes (batch dim dropped) of ``model``'s logits and of the tapped ``paths``.
-
-    Used once while a run is assembled, so losses with learnable parts can be sized
-    before the optimizer exists. The model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    taps = FeatureTaps(model, paths, role=role)
-    try:
-        with taps:
-            logits = logits_of(model(model_input(batch)))
-        out = {LOGITS: logits, **taps.collect()}
-    finally:
-        model.train(was_training)
-    return {k: tuple(v.shape[1:]) for k, v in out.items()}

@@ -1,8 +1,9 @@
 """The one training loop, on Lightning Fabric.
 
-``fit(fabric, distiller, optimizer, train_set, settings, run_dir=...)`` trains any
-:class:`~transfuse.distiller.Distiller` (a student learning from a teacher, or a model
-learning from labels alone) for ``settings.steps`` optimizer steps:
+``fit(fabric, distiller, optimizers, train_set, settings, run_dir=...)`` trains any
+:class:`~transfuse.distiller.Distiller` (a student learning from a teacher, two peers
+learning from each other, a model learning from labels alone) for ``settings.steps``
+optimizer steps, handing the inner step to a :class:`~transfuse.recipes.Recipe`:
 
 * devices, precision and DDP come from the ``Fabric`` it is given;
 * the data order is a pure function of ``(seed, step)`` (:class:`StepBatchSampler`), so a
@@ -11,7 +12,9 @@ learning from labels alone) for ``settings.steps`` optimizer steps:
 * ``accumulate`` micro-batches make one optimizer step, each scaled by ``1/accumulate``,
   so the gradient equals the one of a single batch of ``batch_size * accumulate``;
 * a non-finite loss stops training before the bad update, keeping the last good
-  checkpoint, and says at which step and in which term it happened.
+  checkpoint, and says at which step and in which term it happened;
+* the host synchronises once per optimizer step (the loss, for that check); the loss
+  parts stay on the device and are read only every ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -29,13 +32,15 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state
 from .data.base import collate_batch
 from .distiller import Distiller
+from .errors import UserError
 from .metrics_log import MetricsLog
-from .optim import lr_at, set_lr
+from .optim import lr_at
+from .recipes import BatchTransform, DefaultRecipe, Recipe, StepContext
 
 CHECKPOINTS = "checkpoints"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training hit a NaN/inf loss; ``step`` and ``last_checkpoint`` say where it stopped."""
 
     def __init__(self, message: str, *, step: int, last_checkpoint: Path | None) -> None:
@@ -46,14 +51,14 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Typed knobs of :func:`fit` (built from ``TrainConfig`` + ``OptimConfig`` in one place)."""
+    """Typed knobs of :func:`fit`. Each optimizer's learning rate follows ``lr_schedule``
+    (with ``warmup_steps``) from the rate it was created with."""
 
     steps: int
     batch_size: int
     seed: int = 0
     accumulate: int = 1
     grad_clip: float | None = None
-    base_lr: float = 1e-3
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     log_every: int = 50
@@ -125,31 +130,39 @@ class StepBatchSampler(Sampler[list[int]]):
 def fit(
     fabric,
     distiller: Distiller,
-    optimizer: torch.optim.Optimizer,
+    optimizers: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
     train_set: Dataset,
     settings: FitSettings,
     *,
     run_dir: str | Path,
     resume: bool = False,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    recipe: Recipe | None = None,
+    transforms: Sequence[BatchTransform] = (),
 ) -> FitResult:
     """Train ``distiller`` for ``settings.steps`` optimizer steps; see the module docstring.
 
+    ``optimizers``: one optimizer, or one per trainable group by name (e.g. per
+    participant). ``recipe`` defaults to :class:`~transfuse.recipes.DefaultRecipe`;
+    ``transforms`` run on each micro-batch between device transfer and the forward pass.
     ``evaluate`` (optional) is called every ``settings.eval_every`` steps on rank 0 and its
     numbers are logged. Checkpoints go to ``run_dir/checkpoints``, metrics to
-    ``run_dir/metrics.jsonl``.
+    ``run_dir/metrics.jsonl``. ``resume=True`` continues from the newest checkpoint there,
+    or starts from step 0 if the run never wrote one.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
+    recipe = recipe or DefaultRecipe()
+    if not isinstance(optimizers, Mapping):
+        optimizers = {"main": optimizers}
+    names = list(optimizers)
+    # The learning rate of step s is a function of s and the rate each group was created
+    # with; read those before a checkpoint's optimizer state overwrites them.
+    base_lrs = {n: [g["lr"] for g in optimizers[n].param_groups] for n in names}
     start_step = 0
     train_state = None
-    if resume:
-        found = latest_checkpoint(ckpt_dir)
-        if found is None:
-            raise CheckpointError(
-                f"--resume: no checkpoint in {str(ckpt_dir)!r} (the run never reached its first checkpoint, or the "
-                "folder is wrong); run again without --resume to start from step 0"
-            )
+    found = latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
         model_state, train_state = load_checkpoint(found)
         load_into(distiller, model_state, source=f"checkpoint {found}")
         start_step = int(train_state["step"])
@@ -157,11 +170,16 @@ def fit(
         # Seeds every RNG a step may use (dropout, CRD's negative sampling) the same way on each run.
         torch.manual_seed(settings.seed)
 
-    model, optimizer = fabric.setup(distiller, optimizer)
-    if distiller.teacher is not None:
-        distiller.teacher.to(fabric.device)
+    model, *wrapped = fabric.setup(distiller, *(optimizers[n] for n in names))
+    opts = dict(zip(names, wrapped))
+    for participant in distiller.frozen():
+        participant.setup(fabric)
     if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
+        saved = train_state["optimizers"]
+        if sorted(saved) != sorted(names):
+            raise CheckpointError(f"checkpoint {found} holds optimizers {sorted(saved)} but this run has {sorted(names)}")
+        for n in names:
+            opts[n].load_state_dict(saved[n])
         set_rng_state(train_state["rng"])
 
     sampler = StepBatchSampler(
@@ -173,21 +191,30 @@ def fit(
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch, generator=torch.Generator())
     is_main = fabric.global_rank == 0
     log = MetricsLog(run_dir / "metrics.jsonl", tensorboard_dir=run_dir / "tensorboard") if is_main else None
-    if log is not None and resume:
+    if log is not None:
         log.truncate_after(start_step)
 
-    last_ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    last_ckpt = found
 
     def checkpoint(step: int) -> None:
         nonlocal last_ckpt
         if is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "seed": settings.seed}
+            state = {"step": step, "optimizers": {n: opts[n].state_dict() for n in names}, "rng": rng_state(),
+                     "seed": settings.seed}
             last_ckpt = save_checkpoint(ckpt_dir, step, distiller.state_dict(), state, keep=settings.keep_checkpoints)
         fabric.barrier()
 
-    model.train()
     batches = iter(loader)
-    sums: dict[str, float] = {}
+
+    def micro_batches(step: int) -> Iterator[dict]:
+        for _ in range(settings.accumulate):
+            batch = fabric.to_device(next(batches))
+            for transform in transforms:
+                batch = transform(batch, step=step, distiller=distiller)
+            yield batch
+
+    model.train()
+    sums: dict[str, torch.Tensor | float] = {}
     count = 0
     t0 = time.perf_counter()
     bar = tqdm(
@@ -196,31 +223,25 @@ def fit(
     )
     try:
         for step in range(start_step, settings.steps):
-            set_lr(optimizer, lr_at(step, base_lr=settings.base_lr, total_steps=settings.steps,
-                                    schedule=settings.lr_schedule, warmup_steps=settings.warmup_steps))
-            step_loss = 0.0
-            for micro in range(settings.accumulate):
-                batch = fabric.to_device(next(batches))
-                accumulating = micro < settings.accumulate - 1
-                with fabric.no_backward_sync(model, enabled=accumulating):
-                    out = model(batch, step)
-                    loss = out["loss"]
-                    loss_value = float(loss.detach())  # one host sync serves the check and the log
-                    _stop_if_not_finite(fabric, loss_value, out, step, last_ckpt)
-                    fabric.backward(loss / settings.accumulate)
-                step_loss += loss_value / settings.accumulate
-                for name, value in out["parts"].items():
-                    sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + float(value) / settings.accumulate
-            if settings.grad_clip is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums["loss"] = sums.get("loss", 0.0) + step_loss
+            for n in names:
+                for group, base in zip(opts[n].param_groups, base_lrs[n]):
+                    group["lr"] = lr_at(step, base_lr=base, total_steps=settings.steps, schedule=settings.lr_schedule,
+                                        warmup_steps=settings.warmup_steps)
+            ctx = StepContext(fabric=fabric, model=model, distiller=distiller, optimizers=opts,
+                              micro_batches=micro_batches(step), step=step, accumulate=settings.accumulate,
+                              grad_clip=settings.grad_clip)
+            result = recipe.compute(ctx)
+            loss_value = _checked_loss(fabric, result, step, last_ckpt)  # the step's one host sync
+            recipe.apply(ctx)
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            for name, value in result.parts.items():
+                key = f"loss/{name}"
+                sums[key] = value if key not in sums else sums[key] + value
             count += 1
             done = step + 1
             bar.update(1)
             if done % settings.log_every == 0 or done == settings.steps:
-                row = {"step": done, **{k: v / count for k, v in sums.items()}, "lr": optimizer.param_groups[0]["lr"],
+                row = {"step": done, **{k: float(v) / count for k, v in sums.items()}, "lr": opts[names[0]].param_groups[0]["lr"],
                        "time_s": round(time.perf_counter() - t0, 3)}
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if log is not None:
@@ -241,14 +262,16 @@ def fit(
     return FitResult(steps=settings.steps, wall_time_s=time.perf_counter() - t0, resumed_from=start_step, last_checkpoint=last_ckpt)
 
 
-def _stop_if_not_finite(fabric, loss_value: float, out: dict, step: int, last_ckpt: Path | None) -> None:
+def _checked_loss(fabric, result, step: int, last_ckpt: Path | None) -> float:
+    """The step's loss as a float; stops training (before any update) if it is not finite on any rank."""
+    loss_value = float(result.loss)
     bad = not math.isfinite(loss_value)
     if fabric.world_size > 1:
         # Every rank must stop together, or the others would wait forever in all-reduce.
         bad = fabric.all_reduce(torch.tensor(float(bad), device=fabric.device), reduce_op="sum").item() > 0
     if not bad:
-        return
-    culprits = [f"{name}={float(v):.4g}" for name, v in out["parts"].items() if not torch.isfinite(v).all()]
+        return loss_value
+    culprits = [f"{name}={float(v):.4g}" for name, v in result.parts.items() if not torch.isfinite(v).all()]
     where = f"in term(s) {', '.join(culprits)}" if culprits else "in the weighted sum of terms"
     keep = (
         f"The last good checkpoint is {last_ckpt}; `--resume` continues from it (lower optim.lr or set "

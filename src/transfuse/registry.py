@@ -34,6 +34,9 @@ class Entry(Generic[T]):
 
     def option_names(self) -> set[str] | None:
         """Keyword options the component accepts, or None if it takes ``**kwargs``."""
+        own = getattr(self.obj, "option_names", None)
+        if callable(own) and not inspect.isclass(self.obj):
+            return set(own())
         return accepted_options(self.obj)
 
 
@@ -91,9 +94,28 @@ class Registry(Generic[T]):
         """The registered object for ``name``."""
         return self.entry(name).obj
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for tests that register a throw-away component)."""
+        self.entry(name)  # an unknown name raises, listing the valid ones
+        del self._entries[name]
+
     def check_options(self, name: str, options: dict[str, Any], *, where: str) -> None:
         """Fail if ``name`` is unknown (listing the valid names) or ``options`` has a key the
-        component does not take (naming ``where``, a config path, and the accepted keys)."""
+        component does not take (naming ``where``, a config path, and the accepted keys).
+
+        Where the registered object has a ``validate_options(options)`` method (a
+        ``LossSpec``), the option VALUES are checked too: its ``ValueError`` (naming the
+        option, the value and the constraint, and the accepted options) is re-raised
+        prefixed with ``where``. Other registries check names only.
+        """
+        obj = self.entry(name).obj
+        validate = getattr(obj, "validate_options", None)
+        if callable(validate) and not inspect.isclass(obj):
+            try:
+                validate(options)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            return
         accepted = self.entry(name).option_names()
         if accepted is None:
             return

@@ -1,17 +1,21 @@
 """``run(config)``: one whole distillation run, from config to run directory.
 
+Order of work: everything that can be checked (data, models, references, shapes, loss
+options) is checked first, with nothing written; then the run folder is claimed; then
+frozen participants without weights are trained (and cached by content hash); then the
+trainable participants are trained; then they are evaluated.
+
 Run directory layout::
 
-    config.yaml        the resolved config (every default written out)
-    metrics.jsonl      one row per log interval (and per evaluation)
-    checkpoints/       atomic periodic checkpoints (student + loss state, optimizer, RNG)
-    student.safetensors  the final student weights
-    summary.json       accuracies, ECE, agreement, steps, time, seed, versions
+    config.yaml           the resolved config (every default written out)
+    metrics.jsonl         one row per log interval (and per evaluation)
+    checkpoints/          atomic periodic checkpoints (trainable participants + loss state, optimizers, RNG)
+    <name>.safetensors    the final weights of each trainable participant (student.safetensors, ...)
+    summary.json          accuracies, ECE, agreement, steps, time, seed, versions
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -23,36 +27,46 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
 from .analysis import accuracy, agreement, expected_calibration_error, predict
 from .atomic import write_atomic
 from .build import (
-    fit_settings, load_data, make_fabric, make_model, make_optimizer_from, make_terms, teacher_cache_key,
+    fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
 )
-from .checkpoint import load_into, load_weights, save_weights
-from .config import RunConfig, TermConfig, config_from_dict
-from .data.base import first_batch
+from .checkpoint import latest_checkpoint, load_into, load_weights, save_weights
+from .config import RunConfig, config_from_dict
 from .distiller import Distiller, Term
-from .engine import fit
+from .engine import CHECKPOINTS, fit
+from .errors import UserError
 from .losses import LOSSES
-from .teacher import Teacher
+from .participants import Participant
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 
 
-class RunDirError(FileExistsError):
+class RunDirError(UserError, FileExistsError):
     """A run directory that already holds a different or finished run."""
 
 
 def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train the configured student (and, if needed, the teacher) and return the summary.
+    """Train the configured trainable participants (and, if needed, frozen ones first) and
+    return the summary.
 
     ``out_dir`` defaults to ``runs/<name>``. With ``resume=True`` the run continues from
-    the newest checkpoint in ``out_dir``; the config must equal the saved one.
+    the newest checkpoint in ``out_dir`` (the config must equal the saved one); a folder
+    whose run never reached its first checkpoint is started again from step 0.
     """
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     fabric = make_fabric(cfg.fabric)
+    t_start = time.perf_counter()
+
+    # Everything knowable from the config and the data is checked here, before any write.
+    splits, train_set = load_data(cfg.data)
+    distiller = make_distiller(cfg, splits, train_set)
+    optimizers = make_optimizers(cfg, distiller)
+    settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name}",
+                            **({"progress": False} if quiet else {}))
+
     # Under DDP every process runs this function; only rank 0 touches the folder, and its
     # verdict is shared so that no process is left waiting for one that failed.
     problem = None
@@ -64,32 +78,28 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     problem = fabric.broadcast(problem, src=0)
     if problem:
         raise RunDirError(problem)
-    t_start = time.perf_counter()
 
-    splits, student_train = load_data(cfg.data)
-    needs_teacher = any(LOSSES.get(t.loss).uses_teacher for t in cfg.distill.resolved_terms())
-    teacher_model = obtain_teacher(cfg, splits, fabric, quiet=quiet) if needs_teacher else None
-
-    torch.manual_seed(cfg.seed)  # the student's initial weights depend on the run's seed only
-    student = make_model(cfg.student, splits, role="student")
-    terms = make_terms(cfg.distill, student, teacher_model, first_batch(student_train), num_train_samples=len(student_train))
-    teacher = Teacher(teacher_model) if teacher_model is not None else None
-    distiller = Distiller(student, teacher, terms)
-    optimizer = make_optimizer_from(cfg.optim, distiller.parameters())
-    settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name} student")
-    if quiet:
-        settings = dataclasses.replace(settings, progress=False)
+    for participant in distiller.frozen():
+        name = participant.name
+        if not cfg.participants[name].weights:
+            weights = obtain_teacher_weights(cfg, name, splits, fabric, quiet=quiet)
+            load_into(participant.model, load_weights(weights, what=f"trained {name}"), source=f"trained {name} {weights}")
 
     def evaluate() -> dict[str, float]:
-        logits, targets = predict(student, splits.test, batch_size=cfg.train.eval_batch_size, device=fabric.device)
-        return {"accuracy": accuracy(logits, targets), "ece": expected_calibration_error(logits, targets)}
+        scores = {}
+        for name, model in distiller.models.items():
+            logits, targets = predict(model, splits.test, batch_size=cfg.train.eval_batch_size, device=fabric.device)
+            scores[f"{name}/accuracy"] = accuracy(logits, targets)
+            scores[f"{name}/ece"] = expected_calibration_error(logits, targets)
+        return scores
 
-    result = fit(fabric, distiller, optimizer, student_train, settings, run_dir=out, resume=resume, evaluate=evaluate)
+    result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate)
 
     summary: dict[str, Any] = {}
     if fabric.global_rank == 0:
-        save_weights(out / "student.safetensors", student.state_dict())
-        summary = _summarise(cfg, student, teacher_model, splits, fabric.device, terms, len(student_train))
+        for name, model in distiller.models.items():
+            save_weights(out / f"{name}.safetensors", model.state_dict())
+        summary = _summarise(cfg, distiller, splits, fabric.device, len(train_set), _num_labelled(train_set))
         summary.update(steps=result.steps, resumed_from=result.resumed_from, wall_time_s=round(time.perf_counter() - t_start, 3),
                        train_wall_time_s=round(result.wall_time_s, 3))
         write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -97,33 +107,27 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     return summary
 
 
-def obtain_teacher(cfg: RunConfig, splits, fabric, *, quiet: bool = False) -> torch.nn.Module:
-    """The teacher model: from ``teacher.weights``, from the cache, or trained now (on the
-    full training split, from labels) and cached by content hash for later runs."""
-    assert cfg.teacher is not None
-    if cfg.teacher.weights:
-        return make_model(cfg.teacher, splits, role="teacher")
-    key = teacher_cache_key(cfg)
-    cache = Path(cfg.teacher.cache_dir)
-    weights = cache / f"{cfg.teacher.name}-{key}.safetensors"
+def obtain_teacher_weights(cfg: RunConfig, name: str, splits, fabric, *, quiet: bool = False) -> Path:
+    """The weights file of frozen participant ``name``: trained now (on the full training
+    split, from labels) unless an earlier run with the same recipe cached it."""
+    weights = teacher_weights_path(cfg, name)
     if not fabric.broadcast(weights.is_file(), src=0):
-        _train_teacher(cfg, splits, fabric, weights, quiet=quiet)
-    model = make_model(cfg.teacher.model_copy(update={"weights": None}), splits, role="teacher")
-    load_into(model, load_weights(weights, what="cached teacher"), source=f"cached teacher {weights}")
-    return model
+        _train_teacher(cfg, name, splits, fabric, weights, quiet=quiet)
+    return weights
 
 
-def _train_teacher(cfg: RunConfig, splits, fabric, weights: Path, *, quiet: bool) -> None:
-    tcfg = cfg.teacher
-    assert tcfg is not None
-    torch.manual_seed(tcfg.train.seed)
-    model = make_model(tcfg.model_copy(update={"weights": None}), splits, role="teacher")
-    ce = LOSSES.get("ce")()
-    distiller = Distiller(model, None, [Term(name="ce", loss=ce)])
-    optimizer = make_optimizer_from(tcfg.train.optim, distiller.parameters())
-    train = cfg.train.model_copy(update={"steps": tcfg.train.steps, "batch_size": tcfg.train.batch_size, "accumulate": 1,
-                                         "checkpoint_every": tcfg.train.steps, "eval_every": 0, "progress": cfg.train.progress and not quiet})
-    settings = fit_settings(train, tcfg.train.optim, seed=tcfg.train.seed, description=f"teacher {tcfg.name}")
+def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, quiet: bool) -> None:
+    from . import __version__
+
+    pcfg = cfg.participants[name]
+    torch.manual_seed(pcfg.train.seed)
+    model = make_model(pcfg.model_copy(update={"weights": None}), splits, role=name)
+    ce = LOSSES.get("ce").build()
+    distiller = Distiller([Participant(name, model)], [Term(name="ce", loss=ce, input=f"{name}.logits", target=None)])
+    optimizer = make_optimizer_from(pcfg.train.optim, distiller.parameters())
+    settings = fit_settings(cfg.train, pcfg.train.optim, seed=pcfg.train.seed, description=f"train {name} ({pcfg.name})",
+                            steps=pcfg.train.steps, batch_size=pcfg.train.batch_size, accumulate=1,
+                            checkpoint_every=pcfg.train.steps, eval_every=0, progress=cfg.train.progress and not quiet)
     # A private work folder per process: two runs that need the same teacher at once each
     # train it, and the atomic rename of the weights makes the last one win harmlessly.
     work = weights.with_name(f".work-{weights.stem}-{os.getpid()}")
@@ -134,54 +138,70 @@ def _train_teacher(cfg: RunConfig, splits, fabric, weights: Path, *, quiet: bool
     fabric.barrier()
 
 
-def _summarise(cfg, student, teacher_model, splits, device, terms, n_train) -> dict[str, Any]:
-    s_logits, targets = predict(student, splits.test, batch_size=cfg.train.eval_batch_size, device=device)
+def _num_labelled(train_set) -> int:
+    return int(getattr(train_set, "num_labelled", len(train_set)))
+
+
+def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: int, n_labelled: int) -> dict[str, Any]:
+    from . import __version__
+
+    logits: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    targets = None
+    for name, participant in distiller.participants.items():
+        model = participant.model
+        logits[name], targets = predict(model, splits.test, batch_size=cfg.train.eval_batch_size, device=device)
+        entries[name] = {
+            "model": cfg.participants[name].name,
+            "trainable": participant.trainable,
+            "params": sum(p.numel() for p in model.parameters()),
+            "accuracy": accuracy(logits[name], targets),
+            "ece": expected_calibration_error(logits[name], targets),
+        }
+    trainable = [n for n in entries if entries[n]["trainable"]]
+    frozen = [n for n in entries if not entries[n]["trainable"]]
+    student = "student" if "student" in trainable else trainable[0]
+    teacher = "teacher" if "teacher" in frozen else (frozen[0] if frozen else None)
     summary: dict[str, Any] = {
         "name": cfg.name,
-        "method": "custom" if cfg.distill.terms is not None else (cfg.distill.method or "kd"),
-        "terms": {t.name: t.weight for t in terms},
+        "method": cfg.method_name,
+        "terms": {t.name: t.weight for t in distiller.terms},
         "seed": cfg.seed,
         "data": cfg.data.name,
         "student_train_samples": n_train,
-        "student": {
-            "model": cfg.student.name,
-            "params": sum(p.numel() for p in student.parameters()),
-            "accuracy": accuracy(s_logits, targets),
-            "ece": expected_calibration_error(s_logits, targets),
-        },
-        "teacher": None,
-        "agreement": None,
+        "student_labelled_samples": n_labelled,
+        "student": entries[student],
+        "teacher": entries.get(teacher) if teacher else None,
+        "agreement": agreement(logits[student], logits[teacher]) if teacher else None,
+        "participants": entries,
+        "cached": sorted(n for n, p in cfg.participants.items() if p.cache),
     }
-    if teacher_model is not None:
-        t_logits, _ = predict(teacher_model, splits.test, batch_size=cfg.train.eval_batch_size, device=device)
-        summary["teacher"] = {
-            "model": cfg.teacher.name,
-            "params": sum(p.numel() for p in teacher_model.parameters()),
-            "accuracy": accuracy(t_logits, targets),
-            "ece": expected_calibration_error(t_logits, targets),
-        }
-        summary["agreement"] = agreement(s_logits, t_logits)
     summary.update(transfuse_version=__version__, torch_version=torch.__version__, git_commit=_git_commit())
     return summary
 
 
 def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool) -> None:
     saved = out / CONFIG
-    if resume:
-        if not saved.is_file():
-            raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
+    started = saved.is_file()
+    if started and (resume or latest_checkpoint(out / CHECKPOINTS) is None and not (out / SUMMARY).exists()):
         old = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
         diff = _diff(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
         diff = [d for d in diff if d.split(":")[0] not in ("train.progress",)]
-        if diff:
+        if not diff:
+            return
+        if resume:
             raise RunDirError(
                 f"--resume: the config differs from the one {str(out)!r} was started with ({'; '.join(diff[:8])}); "
                 "a resumed run must use the same config"
             )
+        # A run that never reached its first checkpoint left nothing worth keeping: start it anew.
+        write_atomic(saved, cfg.to_yaml())
         return
-    if saved.exists():
+    if resume and not started:
+        raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
+    if started:
         raise RunDirError(
-            f"{str(out)!r} already holds a run; pass --resume to continue it, or choose another --out"
+            f"{str(out)!r} already holds a run with checkpoints; pass --resume to continue it, or choose another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, cfg.to_yaml())

@@ -14,8 +14,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .errors import UserError
 
-class TapError(ValueError):
+
+class TapError(UserError, ValueError):
     """A tap path that does not name a submodule, or a tap that saw no tensor."""
 
 

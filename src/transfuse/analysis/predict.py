@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.base import collate_batch
-from ..teacher import logits_of, model_input
+from ..models.outputs import call_model
 
 
 def _restore_modes(modes: dict[nn.Module, bool]) -> None:
@@ -29,17 +29,19 @@ def predict(
     # Per module, not model.train(was_training): a submodule deliberately kept in eval
     # mode (a frozen part) must not come back in training mode.
     modes = {m: m.training for m in model.modules()}
+    # A model kept in half precision (bf16-true) takes inputs of its own dtype.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch)
     logits, targets = [], []
     model.eval()
     try:
         with torch.inference_mode():
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device, dtype) if v.is_floating_point() and dtype else v.to(device) for k, v in batch.items()}
                 key = "target" if "target" in batch else "labels"
                 if key not in batch:
                     raise ValueError(f"predict needs a 'target' (or 'labels') field in each batch; got {sorted(batch)}")
-                logits.append(logits_of(model(model_input(batch))).float().cpu())  # (B, C)
+                logits.append(call_model(model, batch).float().cpu())  # (B, C)
                 targets.append(batch[key].cpu())  # (B,)
     finally:
         _restore_modes(modes)

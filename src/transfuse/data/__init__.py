@@ -1,18 +1,23 @@
-"""Data sets as train/test splits of dict samples ``{"input", "target", "index"}``.
+"""Data sets as train/test splits of dict samples ``{"input", "target", "index", "sample_id"}``.
 
-Registered names (``DATASETS``): ``digits``, ``fashion_mnist``, ``npz``. Your own data:
-:func:`from_tensors` (arrays in memory) or :func:`from_datasets` (torch datasets). See
+``index`` is the position in the current dataset (renumbered by subsets); ``sample_id`` the
+position in the original split (kept by subsets). Registered names (``DATASETS``): ``digits``,
+``fashion_mnist``, ``npz``. Your own data: :func:`from_tensors` (arrays in memory) or
+:func:`from_datasets` (torch datasets). Unlabelled data: :class:`TransferSet`. See
 ``docs/models-and-data.md``.
 """
 
 from . import digits, fashion_mnist, tensors  # noqa: F401  (importing registers the data sets)
 from .base import DATASETS, ArrayDataset, Batch, DataSplits, collate_batch
+from .ids import with_id_offset
 from .idx import IDXFormatError, read_idx
 from .load import load_dataset
 from .subset import stratified_subset
 from .tensors import SampleDataset, from_datasets, from_tensors
+from .transfer import IGNORE_TARGET, TransferSet, complement
 
 __all__ = [
-    "DATASETS", "ArrayDataset", "Batch", "DataSplits", "IDXFormatError", "SampleDataset", "collate_batch",
-    "from_datasets", "from_tensors", "load_dataset", "read_idx", "stratified_subset",
+    "DATASETS", "IGNORE_TARGET", "ArrayDataset", "Batch", "DataSplits", "IDXFormatError", "SampleDataset",
+    "TransferSet", "collate_batch", "complement", "from_datasets", "from_tensors", "load_dataset", "read_idx",
+    "stratified_subset", "with_id_offset",
 ]

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .transfer import IGNORE_TARGET, TransferSet
+
 
 def _quotas(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """Samples to take per class: as equal as the class sizes allow, summing to ``n``.
@@ -30,9 +32,28 @@ def stratified_subset(dataset: Any, n: int, *, seed: int) -> Any:
 
     Deterministic for a ``seed``; which samples of a class are taken is random. Works on an
     :class:`~transfuse.data.base.ArrayDataset`, or any dataset with ``targets`` ``(N,)``
-    and ``subset(indices)``. The subset's ``index`` field is renumbered from 0.
+    and ``subset(indices)``. The subset's ``index`` field is renumbered from 0; its
+    ``sample_id`` is kept, so ``complement(dataset, subset)`` gives the samples left out.
+
+    Every target must be a class id ``>= 0``: an unlabelled sample (target
+    ``IGNORE_TARGET``) has no class to balance, so a :class:`TransferSet` is refused.
     """
+    if isinstance(dataset, TransferSet):
+        raise TypeError(
+            "stratified_subset: got a TransferSet, whose unlabelled samples have no class; draw the subset "
+            "from the labelled training split first, then build TransferSet(subset, complement(train, subset))"
+        )
+    if not hasattr(dataset, "targets") or not hasattr(dataset, "subset"):
+        raise TypeError(
+            "stratified_subset: expected an ArrayDataset, SampleDataset or another dataset with `targets` "
+            f"and `subset(indices)`; got {type(dataset).__name__}"
+        )
     targets = torch.as_tensor(dataset.targets).long()
+    if len(targets) and int(targets.min()) < 0:
+        raise ValueError(
+            f"stratified_subset: targets must be class ids >= 0; found {int(targets.min())} "
+            f"(IGNORE_TARGET = {IGNORE_TARGET} marks an unlabelled sample, which no class subset may draw)"
+        )
     if not 1 <= n <= len(targets):
         raise ValueError(f"stratified_subset: n must be in [1, {len(targets)}] (the dataset's size); got {n}")
     generator = torch.Generator().manual_seed(int(seed))

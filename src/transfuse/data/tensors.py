@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .base import DATASETS, ArrayDataset, Batch, DataSplits
+from .ids import check_ids
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -62,17 +63,21 @@ def from_tensors(
 
 
 class SampleDataset(Dataset):
-    """A user's dataset with samples as dicts ``{"input", "target", "index"}``.
+    """A user's dataset with samples as dicts ``{"input", "target", "index", "sample_id"}``.
 
     The wrapped dataset may yield ``(input, target)`` pairs or dicts with ``input``
     (or token fields) and ``target``. ``index`` is always the position in this dataset,
-    as memory banks and teacher caches expect.
+    as memory banks expect. ``sample_id`` is, in order of precedence: ``ids[i]`` when
+    ``ids`` is given (:meth:`subset` and :meth:`with_ids` pass them on), the sample's own
+    ``"sample_id"`` if the wrapped dataset yields one, else its position ``i``.
     """
 
-    def __init__(self, dataset: Dataset, *, name: str = "dataset") -> None:
+    def __init__(self, dataset: Dataset, *, name: str = "dataset", ids: Any = None) -> None:
         self.dataset = dataset
         self.name = name
+        self._ids = None if ids is None else check_ids(ids, len(self), where=name)
         self._targets: torch.Tensor | None = None
+        self._own_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -93,6 +98,10 @@ class SampleDataset(Dataset):
             )
         out["target"] = out["target"].long()
         out["index"] = torch.tensor(i)
+        if self._ids is not None:
+            out["sample_id"] = self._ids[i]
+        else:
+            out["sample_id"] = out["sample_id"].long() if "sample_id" in out else torch.tensor(i)
         return out
 
     @property
@@ -102,9 +111,34 @@ class SampleDataset(Dataset):
             self._targets = torch.tensor([int(self[i]["target"]) for i in range(len(self))], dtype=torch.long)
         return self._targets
 
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        """Stable sample ids ``(N,)`` int64. Read once by iterating the dataset only when the
+        wrapped dataset yields its own ``sample_id``s; otherwise no sample is loaded."""
+        if self._ids is not None:
+            return self._ids
+        if len(self) == 0 or not self._yields_own_ids():
+            return torch.arange(len(self))
+        if self._own_ids is None:
+            ids = torch.tensor([int(self[i]["sample_id"]) for i in range(len(self))], dtype=torch.long)
+            self._own_ids = check_ids(ids, len(self), where=f"{self.name} (its samples' own sample_id)")
+        return self._own_ids
+
+    def _yields_own_ids(self) -> bool:
+        sample = self.dataset[0]
+        return isinstance(sample, dict) and "sample_id" in sample
+
     def subset(self, indices: torch.Tensor) -> "SampleDataset":
-        """A new dataset of the given positions (indices are renumbered from 0)."""
-        return SampleDataset(Subset(self.dataset, [int(i) for i in indices]), name=self.name)
+        """A new dataset of the given positions: ``index`` is renumbered from 0, ``sample_id`` kept."""
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:  # a mask, which tensor indexing (ArrayDataset.subset) accepts too
+            indices = indices.nonzero().flatten()
+        indices = indices.long()
+        return SampleDataset(Subset(self.dataset, indices.tolist()), name=self.name, ids=self.sample_ids[indices])
+
+    def with_ids(self, ids: Any) -> "SampleDataset":
+        """The same samples (the wrapped dataset shared) with new sample ids ``(N,)``."""
+        return SampleDataset(self.dataset, name=self.name, ids=ids)
 
 
 def from_datasets(

@@ -1,18 +1,29 @@
-"""Pure distillation losses: tensors in, a scalar out.
+"""Pure distillation losses: tensors in, a scalar (or per-position values) out.
 
-No modules, no batches, no config: each function takes keyword-only options, documents
-its input shapes and its reduction, and cites its paper. The registered loss modules in
-:mod:`transfuse.losses` call these.
+No modules, no batches, no config: each function takes keyword-only options (typed with
+the constraints in :mod:`transfuse.functional._types`, which the loss registry turns into
+config validation), documents its input shapes and its reduction, and cites its paper.
+The registered loss modules in :mod:`transfuse.losses` call these.
 
-* logits (class dim last): :func:`kd`, :func:`dkd`, :func:`dkd_parts`, :func:`dist`;
-* features: :func:`fitnet`, :func:`attention_map`, :func:`attention_transfer`;
-* relations (widths may differ): :func:`similarity_preserving`, :func:`pairwise_distances`,
-  :func:`rkd_distance`, :func:`rkd_angle`, :func:`rkd`, :func:`pkt`, :func:`crd_scores`,
-  :func:`crd_nce_loss`.
+Two families, by how a mask and per-sample weights apply:
+
+* position-wise -- one value per position (a row of logits, a token, a sample), reduced
+  by the one shared rule :func:`reduce_positions` (``mask``, ``weights``; or
+  ``reduction="none"`` for the values): :func:`kd`, :func:`dkd` (:func:`dkd_parts`),
+  :func:`cross_entropy`, :func:`fitnet`, :func:`attention_transfer`;
+* batch-relation -- the value depends on the whole batch, so ``mask`` selects the samples
+  the relation is computed over and ``weights`` are refused: :func:`dist`,
+  :func:`similarity_preserving`, :func:`rkd_distance`, :func:`rkd_angle`, :func:`rkd`,
+  :func:`pkt`.
+
+Helpers: :func:`weigh_positions`, :func:`attention_map`, :func:`pairwise_distances`, and
+CRD's pieces :func:`crd_scores`, :func:`crd_nce_loss` (used by the ``crd`` module).
 """
 
+from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probability, Reduction, Temperature
 from .features import attention_map, attention_transfer, fitnet
-from .logits import dist, dkd, dkd_parts, kd
+from .logits import cross_entropy, dist, dkd, dkd_parts, kd
+from .reduce import reduce_positions, weigh_positions
 from .relations import (
     crd_nce_loss,
     crd_scores,
@@ -25,6 +36,8 @@ from .relations import (
 )
 
 __all__ = [
-    "attention_map", "attention_transfer", "crd_nce_loss", "crd_scores", "dist", "dkd", "dkd_parts", "fitnet", "kd",
-    "pairwise_distances", "pkt", "rkd", "rkd_angle", "rkd_distance", "similarity_preserving",
+    "LabelSmoothing", "NonNegative", "Positive", "PositiveInt", "Probability", "Reduction", "Temperature",
+    "attention_map", "attention_transfer", "crd_nce_loss", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts",
+    "fitnet", "kd", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
+    "similarity_preserving", "weigh_positions",
 ]

@@ -1,23 +1,49 @@
 """Feature-level distillation losses as pure functions.
 
 These compare intermediate representations position by position (a "hint" map or an
-embedding). Any learnable adapter between student and teacher widths (FitNets'
+embedding), so both are position-wise: one value per sample (or per token), reduced by
+:func:`~transfuse.functional.reduce_positions` with ``mask``/``weights``, or returned with
+``reduction="none"``. Any learnable adapter between student and teacher widths (FitNets'
 regressor) lives in the loss module, not here.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ._types import Positive, Reduction
+from .reduce import _reduce, _weigh
 
-def fitnet(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
+
+def _check_reduction(reduction: str, name: str) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{name}: reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def fitnet(
+    student_feats: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
     """FitNets' hint loss: the mean squared error between (regressed) student and teacher features.
 
     Shapes: both ``(B, ...)`` and equal -- the student's features must already be mapped
     to the teacher's shape (the ``fitnet`` loss module's regressor does that).
-    Reduction: mean over all elements (as the common code bases do; the paper writes
-    ``1/2 * ||.||^2``, a constant factor absorbed in the weight).
+
+    Positions: the leading dims that ``mask``/``weights`` cover (the longer of the two),
+    by default the batch dim. Per position: the mean squared error over the remaining
+    elements, so ``(B,)`` per sample, or ``(B, T)`` per token for ``(B, T, D)`` features
+    with a ``(B, T)`` mask. Reduction (``"mean"``):
+    :func:`~transfuse.functional.reduce_positions`; without mask and weights exactly
+    ``F.mse_loss``, the mean over all elements (as the common code bases do; the paper
+    writes ``1/2 * ||.||^2``, a constant factor absorbed in the weight).
+    ``reduction="none"`` returns the per-position values (weights applied, masked-out 0).
 
     Paper: Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015,
     https://arxiv.org/abs/1412.6550
@@ -27,7 +53,23 @@ def fitnet(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Te
             f"fitnet: student features {tuple(student_feats.shape)} must match the teacher's "
             f"{tuple(teacher_feats.shape)}; map them with a regressor first (the fitnet loss module has one)"
         )
-    return F.mse_loss(student_feats, teacher_feats)
+    _check_reduction(reduction, "fitnet")
+    if reduction == "mean" and mask is None and weights is None and student_feats.numel() > 0:
+        # Today's arithmetic, so unmasked values stay bit-identical to earlier releases.
+        return F.mse_loss(student_feats, teacher_feats)
+    # Positions: the leading dims the mask/weights cover, at least the batch dim.
+    num_pos = max([1, *(t.dim() for t in (mask, weights) if t is not None)])
+    if num_pos > student_feats.dim():
+        raise ValueError(
+            f"fitnet: mask/weights cover {num_pos} dims but the features {tuple(student_feats.shape)} have only "
+            f"{student_feats.dim()}"
+        )
+    lead = tuple(student_feats.shape[:num_pos])
+    sq = (student_feats - teacher_feats).pow(2)  # (B, ...)
+    per_position = sq.reshape(*lead, math.prod(sq.shape[num_pos:])).mean(-1)  # lead
+    if reduction == "none":
+        return _weigh(per_position, mask, weights, "fitnet")
+    return _reduce(per_position, mask, weights, "fitnet")
 
 
 _POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -52,7 +94,7 @@ def _match_spatial(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> 
     return student_feats, teacher_feats
 
 
-def attention_map(feats: torch.Tensor, *, p: float = 2.0) -> torch.Tensor:
+def attention_map(feats: torch.Tensor, *, p: Positive = 2.0) -> torch.Tensor:
     """Spatial attention ``Q = L2-normalise(vec(mean_c |A_c|^p))`` per sample.
 
     Shapes: ``(B, C, *spatial)`` -> ``(B, prod(spatial))``; a 2-D ``(B, D)`` input is
@@ -67,7 +109,15 @@ def attention_map(feats: torch.Tensor, *, p: float = 2.0) -> torch.Tensor:
     return F.normalize(amap, p=2, dim=1)
 
 
-def attention_transfer(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, p: float = 2.0) -> torch.Tensor:
+def attention_transfer(
+    student_feats: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    *,
+    p: Positive = 2.0,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
     """Attention transfer: match the normalised spatial attention maps of student and teacher.
 
     ``loss = mean_{b, s} (Q_s[b, s] - Q_t[b, s])^2`` with ``Q`` from :func:`attention_map`
@@ -77,7 +127,10 @@ def attention_transfer(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
     (attention averages them out). Where spatial sizes differ, the larger map is
     adaptive-average-pooled to the smaller size before the attention is taken (as
     mdistiller does). 2-D ``(B, D)`` inputs treat each unit as a position and need equal
-    ``D``. Reduction: mean over batch and positions.
+    ``D``. Per sample: the mean over the attention positions, ``(B,)``. Reduction
+    (``"mean"``): :func:`~transfuse.functional.reduce_positions` over the samples with
+    ``mask``/``weights`` ``(B,)``; without them the mean over batch and positions.
+    ``reduction="none"`` returns the ``(B,)`` values (weights applied, masked-out 0).
 
     Paper: Zagoruyko & Komodakis, Paying More Attention to Attention: Improving the
     Performance of Convolutional Neural Networks via Attention Transfer, ICLR 2017,
@@ -85,6 +138,7 @@ def attention_transfer(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
     """
     if student_feats.shape[0] != teacher_feats.shape[0]:
         raise ValueError("attention_transfer: student and teacher batch sizes differ")
+    _check_reduction(reduction, "attention_transfer")
     if student_feats.dim() == 2 or teacher_feats.dim() == 2:
         if student_feats.shape != teacher_feats.shape:
             raise ValueError(
@@ -95,4 +149,10 @@ def attention_transfer(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
         student_feats, teacher_feats = _match_spatial(student_feats, teacher_feats)
     q_s = attention_map(student_feats, p=p)  # (B, S)
     q_t = attention_map(teacher_feats, p=p)  # (B, S)
-    return (q_s - q_t).pow(2).mean()
+    sq = (q_s - q_t).pow(2)  # (B, S)
+    if reduction == "mean" and mask is None and weights is None and sq.numel() > 0:
+        return sq.mean()  # today's arithmetic (bit-identical unmasked values)
+    per_sample = sq.mean(1)  # (B,)
+    if reduction == "none":
+        return _weigh(per_sample, mask, weights, "attention_transfer")
+    return _reduce(per_sample, mask, weights, "attention_transfer")

@@ -1,26 +1,27 @@
 """Registered distillation losses: the names a config's ``method:`` or ``loss:`` can use.
 
-Importing this package registers every loss in :data:`LOSSES`. Each is a
-:class:`DistillLoss` holding its hyper-parameters (the config ``options``) and any
-learnable part; the arithmetic is in :mod:`transfuse.functional`.
+Importing this package registers every loss in :data:`LOSSES`, whose entries are
+:class:`LossSpec` objects (``LOSSES.get("kd")``): the default weights and inputs, the
+options model built from the typed signature, and the module to build
+(``spec.build(**options)`` or ``spec.from_shapes(...)``). The arithmetic is in
+:mod:`transfuse.functional`.
 
-* logits: ``ce`` (:class:`CrossEntropy`), ``kd`` (:class:`KD`), ``dkd`` (:class:`DKD`),
-  ``dist`` (:class:`DIST`);
-* the hint map: ``fitnet`` (:class:`FitNet`), ``at`` (:class:`AttentionTransfer`);
-* the penultimate feature: ``sp`` (:class:`SimilarityPreserving`), ``rkd`` (:class:`RKD`),
-  ``pkt`` (:class:`PKT`), ``crd`` (:class:`CRD`).
+* logits: ``ce``, ``kd``, ``dkd`` (position-wise), ``dist`` (batch-relation) -- pure
+  functions wrapped by the generic :class:`FunctionLoss`;
+* the hint map: ``fitnet`` (:class:`FitNet`, a learnable regressor), ``at`` (function);
+* the penultimate feature: ``sp``, ``rkd``, ``pkt`` (functions) and ``crd`` (:class:`CRD`,
+  embeddings and memory banks), all batch-relation.
 
 ``docs/methods.md`` gives each one's formula, options, default weights and paper.
 """
 
 from . import crd, features, logits, relations  # noqa: F401  (registration happens on import)
-from .base import LOSSES, DistillLoss, register_loss
+from .base import LOSSES, LossSpec, ScheduleDefault, describe_losses, register_loss
 from .crd import CRD
-from .features import AttentionTransfer, FitNet, build_regressor
-from .logits import DIST, DKD, KD, CrossEntropy
-from .relations import PKT, RKD, SimilarityPreserving
+from .features import FitNet, build_regressor
+from .module import DistillLoss, FunctionLoss
 
 __all__ = [
-    "CRD", "DIST", "DKD", "KD", "LOSSES", "PKT", "RKD", "AttentionTransfer", "CrossEntropy", "DistillLoss", "FitNet",
-    "SimilarityPreserving", "build_regressor", "register_loss",
+    "CRD", "LOSSES", "DistillLoss", "FitNet", "FunctionLoss", "LossSpec", "ScheduleDefault", "build_regressor",
+    "describe_losses", "register_loss",
 ]

@@ -10,17 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as TF
-from .base import DistillLoss, register_loss
+from ..functional import PositiveInt, Probability, Temperature
+from ..functional.reduce import _refuse_weights, _rows_from_mask
+from .base import register_loss
+from .module import DistillLoss
 
 
 @register_loss(
-    "crd",
+    name="crd",
     kind="relation",
-    paper="Tian et al., Contrastive Representation Distillation, ICLR 2020, https://arxiv.org/abs/1910.10699",
     summary="contrastive (NCE) bound between student and teacher embeddings, negatives from memory banks",
+    paper="Tian et al., Contrastive Representation Distillation, ICLR 2020, https://arxiv.org/abs/1910.10699",
     weight=0.8,
     ce_weight=1.0,
     inputs="feature",
+    needs=("index",),
+    positionwise=False,
 )
 class CRD(DistillLoss):
     """CRD: tell the paired teacher embedding of a sample from ``K`` others, both ways.
@@ -44,17 +49,22 @@ class CRD(DistillLoss):
     (:func:`transfuse.functional.crd_nce_loss`). In training mode only, the positives'
     rows are then updated with momentum, ``row <- normalise(m * row + (1 - m) * v)``,
     outside autograd; evaluation leaves the banks untouched.
+
+    ``mask`` (bool ``(B,)``) keeps the selected samples only: they alone are scored and
+    update the banks; a mask that keeps none gives a graph-connected 0. ``weights`` are
+    refused (the loss is a batch mean of a contrastive bound, registered as batch-relation).
     """
 
     needs = ("index",)
+    positionwise = False
 
     def __init__(
         self,
         *,
-        feat_dim: int = 128,
-        num_negatives: int = 16384,
-        nce_temperature: float = 0.07,
-        momentum: float = 0.5,
+        feat_dim: PositiveInt = 128,
+        num_negatives: PositiveInt = 16384,
+        nce_temperature: Temperature = 0.07,
+        momentum: Probability = 0.5,
     ) -> None:
         super().__init__()
         if feat_dim < 1 or num_negatives < 1:
@@ -96,13 +106,28 @@ class CRD(DistillLoss):
         self.z_student = torch.tensor(-1.0)
         self.z_teacher = torch.tensor(-1.0)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        *,
+        index: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.embed_student is None or self.student_memory is None:
             raise RuntimeError("CRD needs its embeddings and memory banks: build it with CRD.from_shapes(...)")
+        _refuse_weights(weights, "crd")
         memory_s, memory_t = self.student_memory, self.teacher_memory
         num_data = memory_s.shape[0]
         index = index.reshape(-1).long().to(memory_s.device)  # (B,)
+        if mask is not None:
+            rows = _rows_from_mask(mask, (student.shape[0],), "crd")  # (B,)
+            student, teacher, index = student[rows], teacher[rows.to(teacher.device)], index[rows.to(index.device)]
         batch = index.shape[0]
+        if batch == 0:
+            # Nothing to score; an empty NCE mean would be nan, and Z must not be estimated from it.
+            return (student * 0).sum()
 
         v_s = F.normalize(self.embed_student(student.flatten(1)), dim=1)  # (B, F)
         v_t = F.normalize(self.embed_teacher(teacher.flatten(1)), dim=1)  # (B, F)

@@ -1,4 +1,8 @@
-"""Registered feature losses: FitNets (with its learnable regressor) and attention transfer."""
+"""Registered feature losses: FitNets (with its learnable regressor) and attention transfer.
+
+Both are position-wise: one value per sample (or per token for FitNets with a ``(B, T)``
+mask), reduced with the shared rule (``mask``, ``weights``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 from torch import nn
 
 from .. import functional as TF
-from .base import DistillLoss, register_loss
+from .base import register_loss
+from .module import DistillLoss
 
 
 class _Resize(nn.Module):
@@ -61,10 +66,10 @@ def build_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ..
 
 
 @register_loss(
-    "fitnet",
+    name="fitnet",
     kind="feature",
-    paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015, https://arxiv.org/abs/1412.6550",
     summary="MSE between a learnable regression of the student's hint and the teacher's hint",
+    paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015, https://arxiv.org/abs/1412.6550",
     weight=100.0,
     ce_weight=1.0,
     inputs="hint",
@@ -77,6 +82,10 @@ class FitNet(DistillLoss):
     shapes must already match. ``relu`` appends a ReLU to the regressor: use it when the
     teacher's hint is taken after a ReLU (as mdistiller assumes); the default leaves the
     output unconstrained, so it can match hints with negative values too.
+
+    ``mask``/``weights`` are those of :func:`transfuse.functional.fitnet` (per sample, or
+    per token with a ``(B, T)`` mask). The regressor still runs on the whole batch, so in
+    training a BatchNorm in it also sees masked-out samples in its batch statistics.
     """
 
     def __init__(self, *, relu: bool = False) -> None:
@@ -99,31 +108,30 @@ class FitNet(DistillLoss):
         loss.regressor = build_regressor(student_shape, teacher_shape, relu=loss.relu)
         return loss
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return TF.fitnet(self.regressor(student), teacher)
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return TF.fitnet(self.regressor(student), teacher, mask=mask, weights=weights)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
 
 
-@register_loss(
-    "at",
+register_loss(
+    TF.attention_transfer,
+    name="at",
     kind="feature",
+    summary="match L2-normalised spatial attention maps (channel mean of |A|^p)",
     paper=(
         "Zagoruyko & Komodakis, Paying More Attention to Attention: Improving the Performance of "
         "Convolutional Neural Networks via Attention Transfer, ICLR 2017, https://arxiv.org/abs/1612.03928"
     ),
-    summary="match L2-normalised spatial attention maps (channel mean of |A|^p)",
     weight=1000.0,
     ce_weight=1.0,
     inputs="hint",
 )
-class AttentionTransfer(DistillLoss):
-    """Attention transfer (see :func:`transfuse.functional.attention_transfer`); no learnable parts."""
-
-    def __init__(self, *, p: float = 2.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return TF.attention_transfer(student, teacher, p=self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"

@@ -1,0 +1,112 @@
+"""Step recipes and batch transforms: the inner step of the one training loop.
+
+:func:`transfuse.engine.fit` owns everything that is the same for every method -- data
+order, gradient accumulation's batching, learning rates, the non-finite check, logs,
+checkpoints, resume -- and hands each optimizer step to a :class:`Recipe` in two phases:
+
+1. ``compute(ctx)``: forward and backward over the step's micro-batches; it must not
+   change any parameter. It returns the step's loss and parts as *device* tensors (no
+   host synchronisation: the engine reads the loss once per step, for the non-finite
+   check, and the parts only every ``log_every`` steps).
+2. ``apply(ctx)``: the updates (clip, ``optimizer.step()``, ``zero_grad``). The engine
+   calls it only once the loss is known to be finite, so a bad update is never applied.
+
+A recipe with several optimizers (one per trainable participant), alternating updates or
+an outer (bilevel) update is another :class:`Recipe` on the same loop, never a fork of it.
+
+**Batch transforms** run after the batch is on the device and before the forward pass:
+``transform(batch, *, step, distiller) -> batch``. They may query the models through
+``distiller`` (mixup that asks the teacher, adversarial augmentation, generation by the
+student); randomness must come from torch's RNG, which checkpoints restore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import torch
+
+from .registry import Registry
+
+Batch = dict[str, torch.Tensor]
+BatchTransform = Callable[..., Batch]
+
+#: Recipes a config can name (``recipe: {name: ...}``).
+RECIPES: Registry[type["Recipe"]] = Registry("recipe")
+
+
+@dataclass
+class StepContext:
+    """What a recipe sees for one optimizer step.
+
+    ``model`` is the Fabric-wrapped Distiller (call it as ``model(batch, step)``),
+    ``distiller`` the unwrapped one (its participants and terms), ``optimizers`` one per
+    trainable group by name, ``micro_batches`` the step's ``accumulate`` batches (already
+    on the device and transformed, fetched lazily so only one is alive at a time).
+    """
+
+    fabric: Any
+    model: Any
+    distiller: Any
+    optimizers: Mapping[str, torch.optim.Optimizer]
+    micro_batches: Iterator[Batch]
+    step: int
+    accumulate: int
+    grad_clip: float | None = None
+
+
+@dataclass
+class StepResult:
+    """A step's loss (mean over micro-batches) and named parts, as detached device tensors."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Recipe(Protocol):
+    """The inner step: ``compute`` (forward + backward, no update) then ``apply`` (the updates)."""
+
+    def compute(self, ctx: StepContext) -> StepResult: ...
+
+    def apply(self, ctx: StepContext) -> None: ...
+
+
+@RECIPES.register("default", summary="one forward and backward per micro-batch, then every optimizer steps")
+class DefaultRecipe:
+    """Today's step: for each micro-batch, the Distiller's total loss divided by
+    ``accumulate`` is back-propagated (so the gradient equals one batch of
+    ``batch_size * accumulate``); then each optimizer clips (if asked) and steps.
+
+    Several trainable participants (deep mutual learning) update simultaneously from
+    the same forward pass: each term's target is detached, so each participant's
+    gradient comes only from the terms on its input side.
+    """
+
+    def compute(self, ctx: StepContext) -> StepResult:
+        fabric, k = ctx.fabric, ctx.accumulate
+        loss_sum: torch.Tensor | None = None
+        parts: dict[str, torch.Tensor] = {}
+        for micro, batch in enumerate(ctx.micro_batches):
+            with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
+                out = ctx.model(batch, ctx.step)
+                fabric.backward(out["loss"] / k)
+            loss = out["loss"].detach() / k
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            for name, value in out["parts"].items():
+                parts[name] = value / k if name not in parts else parts[name] + value / k
+        assert loss_sum is not None, "a step needs at least one micro-batch"
+        return StepResult(loss=loss_sum, parts=parts)
+
+    def apply(self, ctx: StepContext) -> None:
+        for optimizer in ctx.optimizers.values():
+            if ctx.grad_clip is not None:
+                ctx.fabric.clip_gradients(ctx.model, optimizer, max_norm=ctx.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def make_recipe(name: str, **options: Any) -> Recipe:
+    """The registered recipe ``name`` (an unknown name lists the valid ones)."""
+    RECIPES.check_options(name, options, where="recipe.options")
+    return RECIPES.get(name)(**options)
