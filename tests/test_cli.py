@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from transfuse.cli import main
 
-EXPECTED_METHODS = {"kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd"}
+EXPECTED_METHODS = {"kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dml", "multi_teacher"}
 
 
 def _cli(*args, cwd=None, timeout=300):
@@ -81,19 +81,37 @@ def test_resume_missing_checkpoint(base_config, tmp_path, capsys):
     assert "holds no run" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(base_config, tmp_path):
+def _variant(base_config, tmp_path, variant):
+    """A config for a resume test: KD, deep mutual learning (two trainable), or KD from the teacher cache."""
     base_config["student"]["options"] = {"hidden": [16], "dropout": 0.1}  # dropout: the RNG state matters
     base_config["train"].update(steps=1500, checkpoint_every=25)
+    extra: list[str] = []
+    if variant == "dml":
+        del base_config["teacher"]
+        base_config["participants"] = {"peer": {"name": "mlp", "options": {"hidden": [12], "dropout": 0.1}, "trainable": True}}
+        base_config["distill"] = {"method": "dml"}
     cfg = _config(tmp_path, base_config)
-    # Warm the teacher cache so both runs start training at once.
-    assert _cli("run", str(cfg), "--out", str(tmp_path / "warm"), "--set", "train.steps=1", "--quiet").returncode == 0
+    if variant == "kd_cache":
+        # Warm the teacher, then cache its outputs: the run never loads or runs it.
+        assert _cli("run", str(cfg), "--out", str(tmp_path / "warm"), "--set", "train.steps=1", "--quiet").returncode == 0
+        made = _cli("cache-teacher", str(cfg), "--out", str(tmp_path / "tcache"), "--quiet")
+        assert made.returncode == 0, made.stderr
+        extra = ["--set", f"teacher.cache={tmp_path / 'tcache'}"]
+    return cfg, extra
 
-    ref = _cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet")
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["kd", "dml", "kd_cache"])
+def test_sigkill_then_resume_equals_uninterrupted_run(base_config, tmp_path, variant):
+    cfg, extra = _variant(base_config, tmp_path, variant)
+    # Warm the teacher cache so both runs start training at once.
+    assert _cli("run", str(cfg), "--out", str(tmp_path / "warm2"), "--set", "train.steps=1", "--quiet", *extra).returncode == 0
+
+    ref = _cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet", *extra)
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "transfuse", "run", str(cfg), "--out", str(out), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "transfuse", "run", str(cfg), "--out", str(out), "--quiet", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -106,14 +124,17 @@ def test_sigkill_then_resume_equals_uninterrupted_run(base_config, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-training for this test to mean anything"
     assert not (out / "summary.json").exists()
 
-    resumed = _cli("run", str(cfg), "--out", str(out), "--resume", "--quiet")
+    resumed = _cli("run", str(cfg), "--out", str(out), "--resume", "--quiet", *extra)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert 100 <= summary["resumed_from"] < 1500
-    a, b = load_file(tmp_path / "ref" / "student.safetensors"), load_file(out / "student.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] == b[k]).all(), f"{k} differs after resume"
+    trained = sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors"))
+    assert trained == (["peer.safetensors", "student.safetensors"] if variant == "dml" else ["student.safetensors"])
+    for name in trained:
+        a, b = load_file(tmp_path / "ref" / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] == b[k]).all(), f"{name}: {k} differs after resume"
 
 
 @pytest.mark.slow
@@ -146,3 +167,54 @@ def test_teacher_is_trained_once_and_reused(base_config, tmp_path):
     assert cached[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     assert main(["run", str(cfg), "--out", str(tmp_path / "c"), "--set", "teacher.train.steps=20", "--set", "train.steps=5", "--quiet"]) == 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_checks_fail_before_anything_is_written(base_config, tmp_path, capsys):
+    cache = tmp_path / "teachers"
+    base_config["teacher"]["cache_dir"] = str(cache)
+    cfg = _config(tmp_path, base_config)
+    out = tmp_path / "r"
+    # An option value: refused at load, naming the field.
+    assert main(["run", str(cfg), "--out", str(out), "--set", "distill.options.temperature=0", "--quiet"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    # Shapes no loss can compare (FitNets from a CNN's map to an MLP's hint): refused before the teacher trains.
+    bad = ["--set", "teacher.name=cnn", "--set", "teacher.options={channels: [4, 8]}", "--set", "distill.method=at"]
+    assert main(["run", str(cfg), "--out", str(out), *bad, "--quiet"]) == 2
+    assert "attention" in capsys.readouterr().err.lower()
+    assert not out.exists() and not cache.exists(), "nothing may be written before the checks pass"
+
+
+def test_a_run_that_never_checkpointed_can_be_rerun_into_its_folder(base_config, tmp_path):
+    cfg = _config(tmp_path, base_config)
+    out = tmp_path / "r"
+    out.mkdir()
+    # What a run killed before its first checkpoint leaves: its config and a partial log.
+    (out / "config.yaml").write_text("name: other\n")
+    (out / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    assert main(["run", str(cfg), "--out", str(out), "--set", "train.steps=20", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20] and rows[0]["loss"] != 1.0
+
+
+def test_cache_teacher_refuses_a_cache_of_another_teacher(base_config, tmp_path, capsys):
+    cfg = _config(tmp_path, base_config)
+    assert main(["cache-teacher", str(cfg), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    capsys.readouterr()
+    # Another teacher recipe means other weights: the manifest's hash no longer matches.
+    code = main(["run", str(cfg), "--out", str(tmp_path / "r"), "--set", f"teacher.cache={tmp_path / 'c'}",
+                 "--set", "teacher.train.steps=20", "--set", "train.steps=5", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "teacher_weights_sha256" in err and "Traceback" not in err
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, base_config, tmp_path):
+    import transfuse.run as run_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(run_module, "make_distiller", broken)
+    cfg = _config(tmp_path, base_config)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["run", str(cfg), "--out", str(tmp_path / "r"), "--quiet"])

@@ -658,3 +658,14 @@ def test_relation_mask_leaving_fewer_than_two_gives_zero(fn):
         out.backward()
         assert torch.equal(s.grad, torch.zeros(5, 4))
         s.grad = None
+
+
+def test_masked_out_positions_may_carry_placeholder_targets():
+    torch.manual_seed(5)
+    s, tt = torch.randn(4, 5), torch.randn(4, 5)
+    labelled = torch.tensor([True, False, True, False])
+    y = torch.tensor([1, -1, 3, -1])  # -1: no label
+    got = TF.cross_entropy(s, y, mask=labelled)
+    assert torch.allclose(got, torch.nn.functional.cross_entropy(s[labelled], y[labelled]))
+    assert torch.allclose(TF.dkd(s, tt, y, mask=labelled), TF.dkd(s[labelled], tt[labelled], y[labelled]))
+    assert TF.cross_entropy(s, y, mask=labelled, reduction="none")[~labelled].abs().sum() == 0

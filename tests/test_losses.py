@@ -1,19 +1,35 @@
 """Contract tests for every registered loss, parametrised over the registry.
 
-A newly registered loss is built from shapes that suit its ``inputs`` metadata and checked
-for a finite, non-negative scalar, gradients that reach the student, and (unless listed
-in ``NOT_ZERO_AT_EQUALITY``) a value of ~0 when student and teacher agree.
+A newly registered loss is built from shapes that suit its ``inputs`` and checked for a
+finite, non-negative scalar, gradients that reach the student, the mask/weights contract
+of its family (position-wise or batch-relation), and (unless listed in
+``NOT_ZERO_AT_EQUALITY``) a value of ~0 when student and teacher agree.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 
 import pytest
 import torch
 
-from transfuse.losses import CRD, LOSSES, DistillLoss, FitNet, build_regressor
-from transfuse.registry import UnknownNameError
+from transfuse import functional as TF
+from transfuse.functional import Temperature
+from transfuse.losses import (
+    CRD,
+    LOSSES,
+    DistillLoss,
+    FitNet,
+    FunctionLoss,
+    LossSpec,
+    ScheduleDefault,
+    build_regressor,
+    describe_losses,
+    register_loss,
+)
+from transfuse.registry import Registry, UnknownNameError
 
 BATCH, CLASSES, NUM_TRAIN = 8, 10, 64
 
@@ -27,32 +43,37 @@ NOT_ZERO_AT_EQUALITY = {
     "fitnet": "the regressor is random at initialisation (identity case tested below)",
 }
 
-#: The papers' default weights (term weight, CE weight beside it), pinned.
-DEFAULT_WEIGHTS = {
-    "ce": (1.0, 0.0), "kd": (0.9, 0.1), "dkd": (1.0, 1.0), "dist": (1.0, 1.0), "fitnet": (100.0, 1.0),
-    "at": (1000.0, 1.0), "sp": (3000.0, 1.0), "rkd": (1.0, 1.0), "pkt": (30000.0, 1.0), "crd": (0.8, 1.0),
+#: The papers' default weights (term weight, CE weight beside it) and inputs, pinned.
+DEFAULTS = {
+    "ce": (1.0, 0.0, "logits"), "kd": (0.9, 0.1, "logits"), "dkd": (1.0, 1.0, "logits"),
+    "dist": (1.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
+    "sp": (3000.0, 1.0, "feature"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
+    "crd": (0.8, 1.0, "feature"),
 }
+
+#: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.
+BATCH_RELATION = {"dist", "sp", "rkd", "pkt", "crd"}
 
 
 def build(name: str, *, same_shapes: bool = False) -> DistillLoss:
-    entry = LOSSES.entry(name)
-    s_shape, t_shape = SHAPES[entry.meta["inputs"]]
+    spec = LOSSES.get(name)
+    s_shape, t_shape = SHAPES[spec.inputs]
     if same_shapes:
         t_shape = s_shape
-    return entry.obj.from_shapes(
+    return spec.from_shapes(
         student_shape=s_shape,
-        teacher_shape=t_shape if entry.obj.uses_teacher else None,
+        teacher_shape=t_shape if spec.uses_teacher else None,
         num_train_samples=NUM_TRAIN,
     )
 
 
 def batch_for(name: str, *, same: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    entry = LOSSES.entry(name)
-    s_shape, t_shape = SHAPES[entry.meta["inputs"]]
+    spec = LOSSES.get(name)
+    s_shape, t_shape = SHAPES[spec.inputs]
     student = torch.randn(BATCH, *s_shape, requires_grad=True)
     teacher = student.detach().clone() if same else torch.randn(BATCH, *t_shape)  # requires_grad=False
     needs = {"target": torch.randint(CLASSES, (BATCH,)), "index": torch.randperm(NUM_TRAIN)[:BATCH]}
-    return student, teacher if entry.obj.uses_teacher else None, {k: needs[k] for k in entry.obj.needs}
+    return student, teacher if spec.uses_teacher else None, {k: needs[k] for k in spec.needs}
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -69,6 +90,19 @@ def test_contract_finite_nonnegative_and_differentiable(name):
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_contract_teacher_that_requires_grad(name):
+    # A teacher tensor that asks for gradients (a trainable peer's output) still gives a
+    # finite student gradient; detaching the teacher is the caller's business.
+    torch.manual_seed(0)
+    loss = build(name)
+    student, teacher, needs = batch_for(name)
+    if teacher is not None:
+        teacher = teacher.clone().requires_grad_(True)
+    loss(student, teacher, **needs).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
 @pytest.mark.parametrize("name", sorted(set(LOSSES.names()) - set(NOT_ZERO_AT_EQUALITY)))
 def test_contract_zero_when_student_equals_teacher(name):
     loss = build(name, same_shapes=True)
@@ -76,28 +110,95 @@ def test_contract_zero_when_student_equals_teacher(name):
     assert loss(student, teacher, **needs).abs().item() < 1e-4
 
 
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_contract_mask_and_weights(name):
+    torch.manual_seed(0)
+    loss = build(name)
+    loss.eval()  # CRD: leave the banks alone, so the masked and the sliced call see the same state
+    student, teacher, needs = batch_for(name)
+    mask = torch.tensor([True, False] * (BATCH // 2))
+    spec = LOSSES.get(name)
+    if spec.positionwise:
+        weights = torch.rand(BATCH) + 0.5
+        value = loss(student, teacher, mask=mask, weights=weights, **needs)
+        assert value.dim() == 0 and torch.isfinite(value) and value.item() >= -1e-6
+        value.backward()
+        assert torch.isfinite(student.grad).all()
+        # Masked-out samples receive no gradient; weights of 0 give 0.
+        assert student.grad[~mask].abs().sum() == 0  # eval mode: no BatchNorm batch statistics couple samples
+        zero = loss(student, teacher, weights=torch.zeros(BATCH), **needs)
+        assert zero.item() == 0.0
+    else:
+        with pytest.raises(ValueError, match="batch-relation"):
+            loss(student, teacher, weights=torch.ones(BATCH), **needs)
+        sliced_needs = {k: v[mask] for k, v in needs.items()}
+        torch.manual_seed(1)
+        masked = loss(student, teacher, mask=mask, **needs)
+        torch.manual_seed(1)
+        sliced = loss(student[mask], teacher[mask], **sliced_needs)
+        assert torch.allclose(masked, sliced)
+    # Nothing kept: a zero that still backpropagates.
+    nothing = loss(student, teacher, mask=torch.zeros(BATCH, dtype=torch.bool), **needs)
+    assert nothing.item() == 0.0
+    nothing.backward()
+
+
 def test_fitnet_identity_regressor_is_zero_at_equality():
     f = torch.randn(BATCH, 8, 4, 4)
     assert FitNet()(f, f.clone()).item() == 0.0
 
 
+# ---------------------------------------------------------------------------------------
+# Registration metadata
+
+
 @pytest.mark.parametrize("name", LOSSES.names())
 def test_registry_metadata(name):
     entry = LOSSES.entry(name)
-    meta = entry.meta
-    assert meta["kind"] in {"logits", "feature", "relation"}
-    assert meta["inputs"] in {"logits", "feature", "hint"}
-    assert "https://arxiv.org/abs/" in meta["paper"]
-    assert entry.summary and inspect.getdoc(entry.obj)
-    assert isinstance(meta["weight"], float) and meta["weight"] > 0
-    assert isinstance(meta["ce_weight"], float) and meta["ce_weight"] >= 0
-    assert issubclass(entry.obj, DistillLoss)
-    # Options are keyword-only, so config `options` map onto them unambiguously.
-    assert entry.option_names() is not None, "an explicit __init__ lets configs' options be checked at load time"
-    params = [p for p in inspect.signature(entry.obj.__init__).parameters.values() if p.name != "self"]
+    spec = entry.obj
+    assert isinstance(spec, LossSpec) and LOSSES.get(name) is spec and spec.name == name
+    assert spec.kind in {"logits", "feature", "relation"}
+    assert spec.inputs in {"logits", "feature", "hint"}
+    assert "https://arxiv.org/abs/" in spec.paper
+    assert spec.summary and entry.summary == spec.summary and inspect.getdoc(spec.module)
+    assert isinstance(spec.weight, float) and spec.weight > 0
+    assert isinstance(spec.ce_weight, float) and spec.ce_weight >= 0
+    assert issubclass(spec.module, DistillLoss)
+    assert spec.schedule is None  # no loss changes its default schedule yet
+    assert spec.positionwise == (name not in BATCH_RELATION)
+    # The module agrees with its spec (the Distiller reads these from the module).
+    assert (spec.module.needs, spec.module.uses_teacher, spec.module.positionwise) == (
+        spec.needs, spec.uses_teacher, spec.positionwise,
+    )
+    if spec.fn is not None:
+        assert issubclass(spec.module, FunctionLoss) and spec.module.fn is spec.fn
+        assert getattr(TF, spec.fn.__name__) is spec.fn  # the pure function is public
+    # Options are keyword-only with defaults, so config `options` map onto them unambiguously.
+    assert entry.option_names() == spec.option_names() == set(spec.options_model().model_fields)
+    source = spec.fn if spec.fn is not None else spec.module.__init__
+    params = [p for p in inspect.signature(source).parameters.values() if p.name in spec.option_names()]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty for p in params)
-    if name in DEFAULT_WEIGHTS:
-        assert (meta["weight"], meta["ce_weight"]) == DEFAULT_WEIGHTS[name]
+    assert spec.option_defaults() == {p.name: p.default for p in params}
+    assert (spec.weight, spec.ce_weight, spec.inputs) == DEFAULTS[name]
+
+
+def test_every_registered_loss_is_pinned():
+    assert set(LOSSES.names()) == set(DEFAULTS)
+
+
+def test_describe_losses():
+    rows = {row["name"]: row for row in describe_losses()}
+    assert list(rows) == LOSSES.names()
+    kd = rows["kd"]
+    assert (kd["kind"], kd["inputs"], kd["weight"], kd["ce_weight"]) == ("logits", "logits", 0.9, 0.1)
+    assert kd["paper"].endswith("https://arxiv.org/abs/1503.02531") and kd["description"]
+    assert kd["needs"] == [] and kd["uses_teacher"] is True and kd["positionwise"] is True and kd["schedule"] is None
+    assert "temperature" in kd["options"] and "> 0" in kd["options"]["temperature"]
+    assert rows["ce"]["uses_teacher"] is False and rows["ce"]["needs"] == ["target"]
+    assert rows["crd"]["needs"] == ["index"] and rows["crd"]["positionwise"] is False
+    import json
+
+    json.dumps(list(rows.values()))  # plain data
 
 
 def test_unknown_name_lists_valid_names():
@@ -109,19 +210,197 @@ def test_unknown_name_lists_valid_names():
         LOSSES.check_options("kd", {"temprature": 2.0}, where="distill.options")
 
 
+# ---------------------------------------------------------------------------------------
+# Option values, validated from the typed signatures
+
+
+@pytest.mark.parametrize(
+    "name, options, bad",
+    [
+        ("kd", {"temperature": 0}, "temperature"),
+        ("kd", {"temperature": -1.0}, "temperature"),
+        ("kd", {"temperature": float("inf")}, "temperature"),
+        ("kd", {"temperature": float("nan")}, "temperature"),
+        ("kd", {"temperature": True}, "temperature"),
+        ("dkd", {"beta": -0.5}, "beta"),
+        ("dkd", {"alpha": float("inf")}, "alpha"),
+        ("dist", {"gamma": -1}, "gamma"),
+        ("ce", {"label_smoothing": 1.0}, "label_smoothing"),
+        ("ce", {"label_smoothing": -0.1}, "label_smoothing"),
+        ("at", {"p": 0}, "p"),
+        ("pkt", {"eps": 0.0}, "eps"),
+        ("rkd", {"angle_weight": -1}, "angle_weight"),
+        ("crd", {"momentum": 1.5}, "momentum"),
+        ("crd", {"feat_dim": 0}, "feat_dim"),
+        ("crd", {"num_negatives": 2.5}, "num_negatives"),
+        ("fitnet", {"relu": "maybe"}, "relu"),
+    ],
+)
+def test_option_values_are_validated(name, options, bad):
+    with pytest.raises(ValueError) as err:
+        LOSSES.check_options(name, options, where="distill.options")
+    message = str(err.value)
+    assert message.startswith("distill.options: ") and f"'{bad}'" in message
+    assert repr(options[bad]) in message  # the bad value
+    assert "accepts" in message and all(opt in message for opt in LOSSES.get(name).option_names())
+    with pytest.raises(ValueError, match=bad):
+        LOSSES.get(name).build(**options) if name not in {"crd"} else LOSSES.get(name).from_shapes(
+            student_shape=(4,), teacher_shape=(4,), num_train_samples=4, **options
+        )
+
+
+def test_option_errors_name_the_constraint_and_list_accepted_options():
+    with pytest.raises(ValueError, match=r"'temperature' = 0: input should be greater than 0") as err:
+        LOSSES.check_options("kd", {"temperature": 0}, where="distill.options")
+    assert "temperature (float > 0, finite; default 4.0)" in str(err.value)
+    with pytest.raises(ValueError, match="finite number"):
+        LOSSES.check_options("kd", {"temperature": float("inf")}, where="distill.options")
+    with pytest.raises(ValueError, match=r"distill.options: loss 'dkd' has no option\(s\) 'gamma'; it accepts: ") as err:
+        LOSSES.check_options("dkd", {"gamma": 1.0}, where="distill.options")
+    assert all(opt in str(err.value) for opt in ("alpha", "beta", "temperature"))
+    with pytest.raises(ValueError, match="has no option"):
+        LOSSES.check_options("sp", {"eps": 1.0}, where="options")
+
+
+def test_valid_options_are_converted_and_build():
+    spec = LOSSES.get("kd")
+    assert spec.validate_options({"temperature": 2}) == {"temperature": 2.0}
+    assert spec.validate_options({}) == {}
+    LOSSES.check_options("kd", {"temperature": 2}, where="options")
+    LOSSES.check_options("dkd", {"beta": 0}, where="options")  # 0 switches a term off: allowed
+    LOSSES.check_options("pkt", {"eps": "1e-7"}, where="options")  # YAML 1.1 reads 1e-7 as a string
+
+
+def test_other_registries_still_check_names_only():
+    models = Registry("model")
+
+    @models.register("mlp")
+    def mlp(*, hidden: int = 3): ...
+
+    models.check_options("mlp", {"hidden": -5}, where="student.options")  # values are the component's business
+    with pytest.raises(ValueError, match=r"student.options: model 'mlp' has no option\(s\) 'hiden'"):
+        models.check_options("mlp", {"hiden": 3}, where="student.options")
+
+
 def test_default_options_match_the_papers():
-    assert LOSSES.get("kd")().temperature == 4.0
-    dkd = LOSSES.get("dkd")()
+    assert LOSSES.get("kd").build().temperature == 4.0
+    dkd = LOSSES.get("dkd").build()
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (1.0, 8.0, 4.0)
-    dist = LOSSES.get("dist")()
+    dist = LOSSES.get("dist").build()
     assert (dist.beta, dist.gamma, dist.temperature) == (1.0, 1.0, 1.0)
-    rkd = LOSSES.get("rkd")()
+    rkd = LOSSES.get("rkd").build()
     assert (rkd.distance_weight, rkd.angle_weight) == (25.0, 50.0)
-    assert LOSSES.get("at")().p == 2.0
+    assert LOSSES.get("at").build().p == 2.0
+    assert LOSSES.get("pkt").build().eps == 1e-7
+    assert LOSSES.get("ce").build().label_smoothing == 0.0
     crd = CRD()
     assert (crd.feat_dim, crd.num_negatives, crd.nce_temperature, crd.momentum) == (128, 16384, 0.07, 0.5)
     assert LOSSES.get("ce").uses_teacher is False and LOSSES.get("ce").needs == ("target",)
     assert LOSSES.get("dkd").needs == ("target",) and LOSSES.get("crd").needs == ("index",)
+
+
+# ---------------------------------------------------------------------------------------
+# Function losses: the module is the function, bit for bit
+
+
+def test_function_modules_equal_their_functions():
+    torch.manual_seed(0)
+    s, tt, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(5, (6,))
+    kd = LOSSES.get("kd").build(temperature=2.0)
+    assert torch.equal(kd(s, tt), TF.kd(s, tt, temperature=2.0))
+    dkd = LOSSES.get("dkd").build(beta=2.0)
+    assert torch.equal(dkd(s, tt, target=y), TF.dkd(s, tt, y, beta=2.0))
+    ce = LOSSES.get("ce").build(label_smoothing=0.1)
+    assert torch.equal(ce(s, None, target=y), torch.nn.functional.cross_entropy(s, y, label_smoothing=0.1))
+    assert torch.equal(LOSSES.get("dist").build()(s, tt), TF.dist(s, tt))
+    assert torch.equal(LOSSES.get("rkd").build()(s, tt), TF.rkd(s, tt))
+    mask = torch.tensor([True, True, False, True, False, True])
+    assert torch.equal(kd(s, tt, mask=mask), TF.kd(s, tt, temperature=2.0, mask=mask))
+    # Options are attributes, read at each call, and shown by repr.
+    kd.temperature = 3.0
+    assert torch.equal(kd(s, tt), TF.kd(s, tt, temperature=3.0))
+    assert repr(dkd) == "DkdLoss(alpha=1.0, beta=2.0, temperature=4.0)"
+    with pytest.raises(TypeError, match="target"):
+        dkd(s, tt)
+    with pytest.raises(ValueError, match="has no option"):
+        LOSSES.get("kd").module(temprature=2.0)  # the module validates when built directly too
+
+
+def test_function_modules_pickle_and_copy():
+    kd = LOSSES.get("kd").build(temperature=2.5)
+    for clone in (pickle.loads(pickle.dumps(kd)), copy.deepcopy(kd)):
+        assert type(clone) is type(kd) and clone.temperature == 2.5
+
+
+def test_register_an_in_house_loss_from_a_function():
+    def l1_probs(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        *,
+        temperature: Temperature = 2.0,
+        mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """L1 distance between the softened predictions, per row; mean over rows."""
+        per_row = (torch.softmax(student_logits / temperature, -1) - torch.softmax(teacher_logits / temperature, -1))
+        return TF.reduce_positions(per_row.abs().sum(-1), mask=mask, weights=weights)
+
+    spec = register_loss(l1_probs, name="l1_probs", kind="logits", summary="L1 between softened predictions")
+    try:
+        assert LOSSES.get("l1_probs") is spec and spec.paper is None and spec.fn is l1_probs
+        assert spec.option_names() == {"temperature"}
+        s, tt = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+        value = spec.build(temperature=4.0)(s, tt)
+        value.backward()
+        assert torch.isfinite(value) and s.grad.abs().sum() > 0
+        assert spec.build()(tt, tt).item() == 0.0
+        with pytest.raises(ValueError, match="'temperature' = -1"):
+            LOSSES.check_options("l1_probs", {"temperature": -1}, where="distill.options")
+        assert "l1_probs" in {row["name"] for row in describe_losses()}
+        with pytest.raises(ValueError, match="registered twice"):
+            register_loss(l1_probs, name="l1_probs", kind="logits", summary="again")
+    finally:
+        LOSSES.unregister("l1_probs")
+    assert "l1_probs" not in LOSSES
+
+
+def test_register_loss_as_a_decorator_and_its_checks():
+    @register_loss(name="tmp_decorated", kind="logits", summary="a decorated function", schedule=ScheduleDefault("warmup", fraction=0.1))
+    def tmp(s, t, *, mask=None, weights=None):
+        return TF.reduce_positions((s - t).pow(2).sum(-1), mask=mask, weights=weights)
+
+    try:
+        assert callable(tmp) and LOSSES.get("tmp_decorated").fn is tmp  # the decorator returns the function
+        assert LOSSES.get("tmp_decorated").schedule == ScheduleDefault("warmup", fraction=0.1)
+        row = {r["name"]: r for r in describe_losses()}["tmp_decorated"]
+        assert row["schedule"] == {"kind": "warmup", "fraction": 0.1, "options": {}}
+    finally:
+        LOSSES.unregister("tmp_decorated")
+
+    def no_mask(s, t, *, scale: float = 1.0):
+        return (s - t).sum() * scale
+
+    with pytest.raises(TypeError, match="mask"):
+        register_loss(no_mask, name="tmp_bad", kind="logits", summary="x")
+
+    def no_default(s, t, *, scale: float, mask=None, weights=None):
+        return (s - t).sum() * scale
+
+    with pytest.raises(TypeError, match="default"):
+        register_loss(no_default, name="tmp_bad", kind="logits", summary="x")
+
+    def bad_default(s, t, *, temperature: Temperature = 0.0, mask=None, weights=None):
+        return (s - t).sum()
+
+    with pytest.raises(TypeError, match="constraint"):
+        register_loss(bad_default, name="tmp_bad", kind="logits", summary="x")
+    with pytest.raises(ValueError, match="kind"):
+        register_loss(TF.kd, name="tmp_bad", kind="logit", summary="x")
+    with pytest.raises(ValueError, match="declares"):
+        register_loss(CRD, name="tmp_bad", kind="relation", summary="x")  # needs/positionwise disagree
+    assert "tmp_bad" not in LOSSES
+    with pytest.raises(UnknownNameError):
+        LOSSES.unregister("tmp_bad")
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,3 +505,19 @@ def test_crd_is_seeded_deterministic():
 def test_crd_clamps_negatives_to_bank_size():
     loss = CRD.from_shapes(student_shape=(4,), teacher_shape=(4,), num_train_samples=5, num_negatives=100)
     assert torch.isfinite(loss(torch.randn(3, 4), torch.randn(3, 4), index=torch.tensor([0, 1, 4])))
+
+
+def test_crd_mask_keeps_selected_samples_and_refuses_weights():
+    loss = _crd()
+    s, tt, index = torch.randn(BATCH, 16), torch.randn(BATCH, 32), torch.arange(BATCH)
+    mask = torch.arange(BATCH) < 3
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    loss.train()
+    loss(s, tt, index=index, mask=mask)
+    changed = (loss.student_memory != before["student_memory"]).any(dim=1)
+    assert changed[:3].all() and not changed[3:].any()  # only the kept samples update the bank
+    with pytest.raises(ValueError, match="batch-relation"):
+        loss(s, tt, index=index, weights=torch.ones(BATCH))
+    z = loss.z_student.clone()
+    assert loss(s, tt, index=index, mask=torch.zeros(BATCH, dtype=torch.bool)).item() == 0.0
+    assert torch.equal(loss.z_student, z)

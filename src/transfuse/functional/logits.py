@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._types import LabelSmoothing, NonNegative, Reduction, Temperature
-from .reduce import _reduce, _refuse_weights, _rows_from_mask, _weigh
+from .reduce import _checked, _reduce, _refuse_weights, _rows_from_mask, _weigh
 
 #: Offset DKD's official code subtracts from the target logit to drop it from a softmax.
 _MASK_OFFSET = 1000.0
@@ -50,6 +50,26 @@ def _unmasked(mask: torch.Tensor | None, weights: torch.Tensor | None, values: t
     so the published benchmark numbers); ``reduce_positions`` may round differently.
     """
     return mask is None and weights is None and values.numel() > 0
+
+
+def _check_target(student_logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"{name}: target shape {tuple(target.shape)} must equal the logits' leading shape "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+
+
+def _usable_target(target: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``target`` with masked-out entries set to class 0.
+
+    Unlabelled or padded positions often carry a placeholder (-1) that would make
+    ``one_hot``/``cross_entropy`` raise; their values are dropped by the mask anyway.
+    """
+    if mask is None:
+        return target
+    mask_b, _ = _checked(target, mask, None, name)
+    return torch.where(mask_b, target, torch.zeros((), dtype=target.dtype, device=target.device))
 
 
 def _kl_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -115,11 +135,7 @@ def _dkd_rows(
     num_classes = student_logits.shape[-1]
     if num_classes < 2:
         raise ValueError("dkd: needs at least 2 classes (the non-target distribution is empty otherwise)")
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"dkd: target shape {tuple(target.shape)} must equal the logits' leading shape "
-            f"{tuple(student_logits.shape[:-1])}"
-        )
+    _check_target(student_logits, target, "dkd")
     z_s = student_logits.reshape(-1, num_classes) / temperature  # (N, C)
     z_t = teacher_logits.reshape(-1, num_classes) / temperature  # (N, C)
     gt_mask = F.one_hot(target.reshape(-1).long(), num_classes).to(z_s.dtype)  # (N, C)
@@ -150,6 +166,8 @@ def dkd_parts(
     the paper; each term is reduced on its own.
     """
     _check_reduction(reduction, "dkd")
+    _check_target(student_logits, target, "dkd")
+    target = _usable_target(target, mask, "dkd")
     tckd, nckd = _dkd_rows(student_logits, teacher_logits, target, temperature)  # (N,), (N,)
     scale = temperature**2
     if reduction == "none":
@@ -189,7 +207,8 @@ def dkd(
     (``"mean"``): :func:`~transfuse.functional.reduce_positions` with ``mask``/``weights``
     (``(...)`` or a prefix); without them, the mean over rows of each term.
     ``reduction="none"`` returns ``alpha * TCKD + beta * NCKD`` per position ``(...)``
-    (weights applied, masked-out 0). No positions give 0. No warm-up here: DKD's warm-up
+    (weights applied, masked-out 0); masked-out positions may hold any placeholder
+    target. No positions give 0. No warm-up here: DKD's warm-up
     is a weight schedule on the term. The binary log-probabilities are computed in log
     space (``logsumexp``), which equals the official code's ``log`` of probabilities but
     stays finite when a probability underflows.
@@ -198,6 +217,8 @@ def dkd(
     https://arxiv.org/abs/2203.08679
     """
     _check_reduction(reduction, "dkd")
+    _check_target(student_logits, target, "dkd")
+    target = _usable_target(target, mask, "dkd")
     tckd, nckd = _dkd_rows(student_logits, teacher_logits, target, temperature)  # (N,), (N,)
     scale = temperature**2
     if _unmasked(mask, weights, tckd) and reduction == "mean":
@@ -225,7 +246,8 @@ def cross_entropy(
     are ``(...)``. Reduction (``"mean"``): :func:`~transfuse.functional.reduce_positions`
     with ``mask``/``weights`` (``(...)`` or a prefix); without them exactly
     ``F.cross_entropy`` on the flattened positions (where a target of ``-100`` is
-    ignored, as torch does). On the masked path give padding by ``mask``, not ``-100``.
+    ignored, as torch does). On the masked path give padding by ``mask``, not ``-100``;
+    masked-out positions may hold any placeholder target (e.g. -1 for "unlabelled").
     ``reduction="none"`` returns the ``(...)`` values (weights applied, masked-out 0).
     No positions give 0.
 
@@ -235,11 +257,8 @@ def cross_entropy(
     _check_reduction(reduction, "cross_entropy")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"cross_entropy: target shape {tuple(target.shape)} must equal the logits' leading shape "
-            f"{tuple(student_logits.shape[:-1])}"
-        )
+    _check_target(student_logits, target, "cross_entropy")
+    target = _usable_target(target, mask, "cross_entropy")
     num_classes = student_logits.shape[-1]
     flat_logits = student_logits.reshape(-1, num_classes)  # (N, C)
     flat_target = target.reshape(-1).long()  # (N,)
