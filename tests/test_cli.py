@@ -201,15 +201,17 @@ def test_cache_teacher_refuses_a_cache_of_another_teacher(base_config, tmp_path,
     assert main(["cache-teacher", str(cfg), "--out", str(tmp_path / "c"), "--quiet"]) == 0
     capsys.readouterr()
     # Another teacher recipe means other weights: the manifest's hash no longer matches.
-    code = main(["run", str(cfg), "--out", str(tmp_path / "r"), "--set", f"teacher.cache={tmp_path / 'c'}",
-                 "--set", "teacher.train.steps=20", "--set", "train.steps=5", "--quiet"])
+    other = ["--set", "teacher.train.steps=20", "--set", "train.steps=5", "--quiet"]
+    assert main(["run", str(cfg), "--out", str(tmp_path / "other"), *other]) == 0  # trains that teacher
+    capsys.readouterr()
+    code = main(["run", str(cfg), "--out", str(tmp_path / "r"), "--set", f"teacher.cache={tmp_path / 'c'}", *other])
     assert code == 2
     err = capsys.readouterr().err
     assert "teacher_weights_sha256" in err and "Traceback" not in err
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch, base_config, tmp_path):
-    import transfuse.run as run_module
+    run_module = sys.modules["transfuse.run"]  # the package's `run` attribute is the function
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")

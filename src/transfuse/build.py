@@ -253,9 +253,11 @@ def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
     """Participants, sources and terms assembled; every shape and reference checked."""
     participants = make_participants(cfg, splits)
     sources = {**participants, **make_ensembles(cfg.resolved_sources())}
-    terms = make_terms(cfg.resolved_terms(), sources, first_batch(train_set), num_train_samples=len(train_set),
-                       total_steps=cfg.train.steps)
-    return Distiller(list(sources.values()), terms)
+    probe = first_batch(train_set)
+    terms = make_terms(cfg.resolved_terms(), sources, probe, num_train_samples=len(train_set), total_steps=cfg.train.steps)
+    distiller = Distiller(list(sources.values()), terms)
+    distiller.check(probe)
+    return distiller
 
 
 def make_optimizers(cfg: RunConfig, distiller: Distiller) -> dict[str, torch.optim.Optimizer]:

@@ -206,6 +206,30 @@ class Distiller(nn.Module):
         logits = {name: outs[name][LOGITS] for name in self.models}
         return {"loss": total, "parts": parts, "weights": weights, "logits": logits}
 
+    @torch.no_grad()
+    def check(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Evaluate every term once on ``batch`` (eval mode, no autograd) so that outputs a
+        loss cannot compare fail now, naming the term and both shapes, instead of at the
+        first training step. Train/eval modes are restored afterwards."""
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            outs = self.outputs(batch)
+            for term in self.terms:
+                s = self._lookup(outs, term.input)
+                t = self._lookup(outs, term.target) if term.target is not None else None
+                if t is not None:
+                    _check_pair(term, s, t)
+                try:
+                    term.loss(s, t, mask=_mask(term, batch), weights=_entry(term, batch, term.sample_weights),
+                              **_needs(term, batch))
+                except (ValueError, RuntimeError, IndexError) as err:
+                    sides = f"{term.input} {tuple(s.shape[1:])}" + (f" with {term.target} {tuple(t.shape[1:])}" if t is not None else "")
+                    raise DistillShapeError(f"term {term.name!r} cannot compare {sides} (per-sample shapes): {err}") from None
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+
     def _lookup(self, outs: Mapping[str, Outputs], ref: Ref) -> torch.Tensor:
         return outs[ref.source][self.sources[ref.source].resolve_field(ref.field)]
 

@@ -182,27 +182,23 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
 
 def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool) -> None:
     saved = out / CONFIG
-    started = saved.is_file()
-    if started and (resume or latest_checkpoint(out / CHECKPOINTS) is None and not (out / SUMMARY).exists()):
+    if resume:
+        if not saved.is_file():
+            raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
         old = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
         diff = _diff(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
         diff = [d for d in diff if d.split(":")[0] not in ("train.progress",)]
-        if not diff:
-            return
-        if resume:
+        if diff:
             raise RunDirError(
                 f"--resume: the config differs from the one {str(out)!r} was started with ({'; '.join(diff[:8])}); "
                 "a resumed run must use the same config"
             )
-        # A run that never reached its first checkpoint left nothing worth keeping: start it anew.
-        write_atomic(saved, cfg.to_yaml())
-        return
-    if resume and not started:
-        raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
-    if started:
+        return  # the engine continues from the newest checkpoint, or from step 0 if there is none
+    if latest_checkpoint(out / CHECKPOINTS) is not None or (out / SUMMARY).exists():
         raise RunDirError(
             f"{str(out)!r} already holds a run with checkpoints; pass --resume to continue it, or choose another --out"
         )
+    # A new folder, or one whose run never reached its first checkpoint (nothing worth keeping).
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, cfg.to_yaml())
 
