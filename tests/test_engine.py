@@ -196,3 +196,37 @@ def test_batch_transforms_run_before_the_forward_pass(tmp_path):
     settings = FitSettings(steps=3, batch_size=32, accumulate=2, checkpoint_every=3, progress=False)
     fit(_fabric(), d, opt, _data(), settings, run_dir=tmp_path, transforms=[double_inputs])
     assert seen == [0, 0, 1, 1, 2, 2]
+
+
+def test_alternating_recipe_updates_participants_in_turn_like_a_hand_written_loop(tmp_path):
+    from transfuse.functional import cross_entropy, kd
+    from transfuse.recipes import AlternatingRecipe
+
+    def nets():
+        torch.manual_seed(0)
+        return (nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)),
+                nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)))
+
+    a, b = nets()
+    d = Distiller([Participant("a", a), Participant("b", b)],
+                  [Term("ce_a", LOSSES.get("ce").build(), input="a.logits", target=None),
+                   Term("kl_a", LOSSES.get("kd").build(temperature=1.0), input="a.logits", target="b.logits"),
+                   Term("ce_b", LOSSES.get("ce").build(), input="b.logits", target=None),
+                   Term("kl_b", LOSSES.get("kd").build(temperature=1.0), input="b.logits", target="a.logits")])
+    opts = {"a": make_optimizer(a.parameters(), name="sgd", lr=0.1, momentum=0.0),
+            "b": make_optimizer(b.parameters(), name="sgd", lr=0.1, momentum=0.0)}
+    settings = FitSettings(steps=3, batch_size=32, seed=5, checkpoint_every=3, progress=False)
+    fit(_fabric(), d, opts, _data(), settings, run_dir=tmp_path, recipe=AlternatingRecipe())
+
+    ra, rb = nets()
+    oa, ob = torch.optim.SGD(ra.parameters(), lr=0.1), torch.optim.SGD(rb.parameters(), lr=0.1)
+    data = _data()
+    for batch_idx in StepBatchSampler(len(data), batch_size=32, seed=5, end_step=3):
+        batch = data.__getitems__(batch_idx)
+        x, y = batch["input"], batch["target"]
+        loss_a = cross_entropy(ra(x), y) + kd(ra(x), rb(x).detach(), temperature=1.0)
+        oa.zero_grad(), loss_a.backward(), oa.step()
+        loss_b = cross_entropy(rb(x), y) + kd(rb(x), ra(x).detach(), temperature=1.0)  # sees a's new weights
+        ob.zero_grad(), loss_b.backward(), ob.step()
+    for p, q in zip([*a.parameters(), *b.parameters()], [*ra.parameters(), *rb.parameters()]):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()

@@ -25,7 +25,7 @@ modules), ``participants`` and ``sources`` (who answers a batch), ``distiller``
 ``run``.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__  # noqa: E402
 
 from . import analysis, data, functional, losses, models  # noqa: E402  (registries fill on import)
 from .config import RunConfig, load_config  # noqa: E402

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .build import _complete, cache_identity, cache_pool, load_splits, make_fabric, make_model
 from .cache import CacheWriter, FieldSpec
 from .checkpoint import load_into, load_weights
@@ -78,8 +79,6 @@ def cache_teacher(cfg: RunConfig, out_dir: str | Path, *, participant: str = "te
 
     specs = {f: FieldSpec(name=f, shape=shapes[f], encoding={"kind": "dense", "dtype": dtype}) for f in fields}
     loader = DataLoader(pool, batch_size=batch_size or cfg.train.eval_batch_size, collate_fn=collate_batch)
-    from . import __version__
-
     with CacheWriter(out_dir, num_samples=len(pool), fields=specs, identity=identity,
                      created_by={"transfuse": __version__, "torch": torch.__version__}, overwrite=overwrite) as writer:
         for batch in tqdm(loader, desc=f"cache {participant}", disable=quiet or None, dynamic_ncols=True):

@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
     if args.version:
-        from . import __version__
+        from ._version import __version__
 
         print(f"transfuse {__version__}")
         return 0

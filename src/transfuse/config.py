@@ -352,6 +352,9 @@ class RunConfig(_Strict):
                 if member not in known or member == name:
                     raise ValueError(f"sources.{name}.members: {member!r} is not a participant or another source; "
                                      f"defined: {', '.join(sorted(known))}")
+        if self.recipe.name == "alternating" and self.fabric.strategy != "auto" and self.fabric.strategy.startswith(("ddp", "fsdp")):
+            raise ValueError("recipe: 'alternating' updates one participant per forward pass, which DDP/FSDP cannot "
+                             "synchronise; use recipe 'default' with fabric.strategy " + repr(self.fabric.strategy))
         sources = self.resolved_sources()
         for i, term in enumerate(self.resolved_terms()):
             where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"

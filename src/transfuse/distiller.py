@@ -3,7 +3,8 @@
 ``Distiller(sources, terms)(batch, step)`` asks every source for the outputs some term
 references (each source once per batch), evaluates every :class:`Term` and returns
 ``{"loss": scalar, "parts": {term: unweighted value}, "weights": {term: float},
-"logits": {trainable participant: (B, ...)}}``.
+"logits": {trainable participant: (B, ...)}, "by_input": {trainable participant: the
+weighted sum of the terms that train it}, "inputs": {participant: its term names}}``.
 
 * A term compares ``input`` (a reference ``"<source>.<field>"`` on a trainable
   participant, e.g. ``student.logits``) with ``target`` (``teacher.logits``,
@@ -129,6 +130,7 @@ class Distiller(nn.Module):
         if not self.models:
             raise ValueError("a Distiller needs at least one trainable participant")
         object.__setattr__(self, "sources", by_name)  # outside the module tree on purpose
+        self._terms_by_input = {name: {t.name for t in terms if t.input.source == name} for name in self.models}
 
         self._check_refs(by_name)
         # Fields each source must produce, resolved once (aliases -> module paths).
@@ -190,6 +192,7 @@ class Distiller(nn.Module):
         total: torch.Tensor | float = 0.0
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
+        by_input: dict[str, torch.Tensor] = {}  # the weighted sum of the terms that train each participant
         for term in self.terms:
             s = self._lookup(outs, term.input)
             t = None
@@ -203,8 +206,11 @@ class Distiller(nn.Module):
             parts[term.name] = value.detach()
             weights[term.name] = weight
             total = total + weight * value
+            owner = term.input.source
+            by_input[owner] = by_input.get(owner, 0.0) + weight * value
         logits = {name: outs[name][LOGITS] for name in self.models}
-        return {"loss": total, "parts": parts, "weights": weights, "logits": logits}
+        return {"loss": total, "parts": parts, "weights": weights, "logits": logits, "by_input": by_input,
+                "inputs": self._terms_by_input}
 
     @torch.no_grad()
     def check(self, batch: Mapping[str, torch.Tensor]) -> None:

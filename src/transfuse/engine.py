@@ -227,13 +227,19 @@ def fit(
                 for group, base in zip(opts[n].param_groups, base_lrs[n]):
                     group["lr"] = lr_at(step, base_lr=base, total_steps=settings.steps, schedule=settings.lr_schedule,
                                         warmup_steps=settings.warmup_steps)
+            checked: list[float] = []
+
+            def guard(result, step=step) -> float:
+                checked.append(_checked_loss(fabric, result, step, last_ckpt))  # a host sync: once per update
+                return checked[-1]
+
             ctx = StepContext(fabric=fabric, model=model, distiller=distiller, optimizers=opts,
                               micro_batches=micro_batches(step), step=step, accumulate=settings.accumulate,
-                              grad_clip=settings.grad_clip)
-            result = recipe.compute(ctx)
-            loss_value = _checked_loss(fabric, result, step, last_ckpt)  # the step's one host sync
-            recipe.apply(ctx)
-            sums["loss"] = sums.get("loss", 0.0) + loss_value
+                              guard=guard, grad_clip=settings.grad_clip)
+            result = recipe.step(ctx)
+            if not checked:
+                raise RuntimeError(f"recipe {type(recipe).__name__} returned without calling ctx.guard(...) before its updates")
+            sums["loss"] = sums.get("loss", 0.0) + sum(checked)
             for name, value in result.parts.items():
                 key = f"loss/{name}"
                 sums[key] = value if key not in sums else sums[key] + value

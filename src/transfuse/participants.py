@@ -131,23 +131,3 @@ class Participant:
         with self.taps:
             logits = call_model(self.model, batch)
         return {LOGITS: logits, **self.taps.collect()}
-
-
-@torch.no_grad()
-def probe_shapes(model: nn.Module, paths: Iterable[str], batch: Mapping[str, torch.Tensor], *, role: str) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes (batch dim dropped) of ``model``'s logits and of the tapped ``paths``.
-
-    One forward pass in eval mode, used while a run is assembled so that losses with
-    learnable parts can be sized before the optimizer exists; the model's train/eval
-    mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    taps = FeatureTaps(model, [p for p in paths if p != LOGITS], role=role)
-    try:
-        with taps:
-            logits = call_model(model, batch)
-        out = {LOGITS: logits, **taps.collect()}
-    finally:
-        model.train(was_training)
-    return {k: tuple(v.shape[1:]) for k, v in out.items()}

@@ -37,13 +37,23 @@ RECIPES: Registry[type["Recipe"]] = Registry("recipe")
 
 
 @dataclass
+class StepResult:
+    """A step's loss (mean over micro-batches) and named parts, as detached device tensors."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class StepContext:
     """What a recipe sees for one optimizer step.
 
     ``model`` is the Fabric-wrapped Distiller (call it as ``model(batch, step)``),
     ``distiller`` the unwrapped one (its participants and terms), ``optimizers`` one per
-    trainable group by name, ``micro_batches`` the step's ``accumulate`` batches (already
-    on the device and transformed, fetched lazily so only one is alive at a time).
+    trainable participant by name (or ``{"main": ...}``), ``micro_batches`` the step's
+    ``accumulate`` batches (already on the device and transformed, fetched lazily).
+    ``guard(result) -> float`` is the engine's non-finite check: call it before applying
+    any update (several times for several updates); it returns the loss as a float.
     """
 
     fabric: Any
@@ -53,23 +63,25 @@ class StepContext:
     micro_batches: Iterator[Batch]
     step: int
     accumulate: int
+    guard: Callable[[StepResult], float]
     grad_clip: float | None = None
 
 
-@dataclass
-class StepResult:
-    """A step's loss (mean over micro-batches) and named parts, as detached device tensors."""
-
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
 class Recipe(Protocol):
-    """The inner step: ``compute`` (forward + backward, no update) then ``apply`` (the updates)."""
+    """The inner step: forward, backward, ``ctx.guard(...)``, then the updates."""
 
-    def compute(self, ctx: StepContext) -> StepResult: ...
+    def step(self, ctx: StepContext) -> StepResult: ...
 
-    def apply(self, ctx: StepContext) -> None: ...
+
+def _update(ctx: StepContext, optimizer: torch.optim.Optimizer) -> None:
+    if ctx.grad_clip is not None:
+        ctx.fabric.clip_gradients(ctx.model, optimizer, max_norm=ctx.grad_clip)
+    optimizer.step()
+
+
+def _add(into: dict[str, torch.Tensor], parts: Mapping[str, torch.Tensor], scale: float) -> None:
+    for name, value in parts.items():
+        into[name] = value * scale if name not in into else into[name] + value * scale
 
 
 @RECIPES.register("default", summary="one forward and backward per micro-batch, then every optimizer steps")
@@ -83,7 +95,7 @@ class DefaultRecipe:
     gradient comes only from the terms on its input side.
     """
 
-    def compute(self, ctx: StepContext) -> StepResult:
+    def step(self, ctx: StepContext) -> StepResult:
         fabric, k = ctx.fabric, ctx.accumulate
         loss_sum: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
@@ -93,17 +105,58 @@ class DefaultRecipe:
                 fabric.backward(out["loss"] / k)
             loss = out["loss"].detach() / k
             loss_sum = loss if loss_sum is None else loss_sum + loss
-            for name, value in out["parts"].items():
-                parts[name] = value / k if name not in parts else parts[name] + value / k
+            _add(parts, out["parts"], 1.0 / k)
         assert loss_sum is not None, "a step needs at least one micro-batch"
-        return StepResult(loss=loss_sum, parts=parts)
-
-    def apply(self, ctx: StepContext) -> None:
+        result = StepResult(loss=loss_sum, parts=parts)
+        ctx.guard(result)
         for optimizer in ctx.optimizers.values():
-            if ctx.grad_clip is not None:
-                ctx.fabric.clip_gradients(ctx.model, optimizer, max_norm=ctx.grad_clip)
-            optimizer.step()
+            _update(ctx, optimizer)
             optimizer.zero_grad(set_to_none=True)
+        return result
+
+
+@RECIPES.register("alternating", summary="trainable participants updated one after another, each from a fresh forward pass")
+class AlternatingRecipe:
+    """Deep mutual learning's Algorithm 1: within a step, participant 1 is updated from
+    the terms on its input side; then a new forward pass -- which sees participant 1's
+    updated weights -- updates participant 2; and so on, in config order.
+
+    Needs one optimizer per trainable participant. Costs one forward pass per
+    participant and one host synchronisation per update. Not for DDP (each forward
+    pass would leave the other participants' gradients unreduced).
+    """
+
+    def step(self, ctx: StepContext) -> StepResult:
+        fabric, k = ctx.fabric, ctx.accumulate
+        names = list(ctx.distiller.models)
+        missing = [n for n in names if n not in ctx.optimizers]
+        if missing:
+            raise ValueError(
+                f"the alternating recipe updates each trainable participant with its own optimizer, but "
+                f"{missing} have none (optimizers: {sorted(ctx.optimizers)})"
+            )
+        batches = list(ctx.micro_batches)  # every participant's update sees the same samples
+        total: torch.Tensor | None = None
+        parts: dict[str, torch.Tensor] = {}
+        for name in names:
+            loss_sum: torch.Tensor | None = None
+            own: dict[str, torch.Tensor] = {}
+            for micro, batch in enumerate(batches):
+                with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
+                    out = ctx.model(batch, ctx.step)
+                    fabric.backward(out["by_input"][name] / k)
+                loss = out["by_input"][name].detach() / k
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                _add(own, {t: v for t, v in out["parts"].items() if t in out["inputs"][name]}, 1.0 / k)
+            assert loss_sum is not None, "a step needs at least one micro-batch"
+            ctx.guard(StepResult(loss=loss_sum, parts=own))
+            _update(ctx, ctx.optimizers[name])
+            for optimizer in ctx.optimizers.values():  # nothing may carry over to the next participant's update
+                optimizer.zero_grad(set_to_none=True)
+            total = loss_sum if total is None else total + loss_sum
+            parts.update(own)
+        assert total is not None
+        return StepResult(loss=total, parts=parts)
 
 
 def make_recipe(name: str, **options: Any) -> Recipe:

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from .analysis import accuracy, agreement, expected_calibration_error, predict
+from ._version import __version__
 from .atomic import write_atomic
 from .build import (
     fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
@@ -39,6 +40,7 @@ from .engine import CHECKPOINTS, fit
 from .errors import UserError
 from .losses import LOSSES
 from .participants import Participant
+from .recipes import make_recipe
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -93,7 +95,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
             scores[f"{name}/ece"] = expected_calibration_error(logits, targets)
         return scores
 
-    result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate)
+    result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate,
+                 recipe=make_recipe(cfg.recipe.name, **cfg.recipe.options))
 
     summary: dict[str, Any] = {}
     if fabric.global_rank == 0:
@@ -117,8 +120,6 @@ def obtain_teacher_weights(cfg: RunConfig, name: str, splits, fabric, *, quiet: 
 
 
 def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, quiet: bool) -> None:
-    from . import __version__
-
     pcfg = cfg.participants[name]
     torch.manual_seed(pcfg.train.seed)
     model = make_model(pcfg.model_copy(update={"weights": None}), splits, role=name)
@@ -143,8 +144,6 @@ def _num_labelled(train_set) -> int:
 
 
 def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: int, n_labelled: int) -> dict[str, Any]:
-    from . import __version__
-
     logits: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     targets = None
