@@ -170,3 +170,13 @@ def test_schemes_expand_and_check_their_options(base_config):
     mt["distill"]["options"]["weights"] = [1]
     with pytest.raises(ConfigError, match="expected 2 non-negative numbers"):
         config_from_dict(mt)
+
+
+def test_alternating_recipe_is_refused_under_ddp(base_config):
+    base_config["recipe"] = {"name": "alternating"}
+    base_config["fabric"] = {"strategy": "ddp", "devices": 2}
+    with pytest.raises(ConfigError, match="recipe: 'alternating'"):
+        config_from_dict(base_config)
+    base_config["recipe"] = {"name": "alternatng"}
+    with pytest.raises(ConfigError, match="unknown recipe 'alternatng'. Did you mean 'alternating'"):
+        config_from_dict(base_config)

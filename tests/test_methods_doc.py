@@ -77,3 +77,12 @@ def test_the_registration_example_runs():
         assert torch.isfinite(value) and s.grad is not None
     finally:
         LOSSES.unregister(name)
+
+
+def test_every_scheme_has_a_section_with_its_paper():
+    from transfuse.schemes import SCHEMES
+
+    documented = set(re.findall(r"^### `([^`]+)` — ", _text(), flags=re.MULTILINE))
+    assert documented == set(SCHEMES.names())
+    for entry in SCHEMES.entries():
+        assert entry.meta["paper"].split(", ")[-1] in _text()

@@ -78,3 +78,14 @@ def test_bf16_runs_complete_on_the_cpu(tmp_path, teacher_cache, precision):
     summary = run(_cfg("kd", teacher_cache, f"fabric.precision={precision}"), out_dir=tmp_path / precision, quiet=True)
     assert summary["steps"] == 60 and 0.0 <= summary["student"]["accuracy"] <= 1.0
     assert summary["teacher"]["accuracy"] > 0.5
+
+
+def test_dml_with_the_alternating_recipe_and_its_own_optimizer_per_peer(tmp_path, teacher_cache):
+    cfg = _cfg("dml", teacher_cache, "recipe.name=alternating", "participants.peer.optim={name: sgd, lr: 0.05}")
+    summary = run(cfg, out_dir=tmp_path / "alt", quiet=True)
+    assert all(p["accuracy"] > 0.3 for p in summary["participants"].values())
+    from transfuse.checkpoint import latest_checkpoint, load_checkpoint
+
+    _, state = load_checkpoint(latest_checkpoint(tmp_path / "alt" / "checkpoints"))
+    assert sorted(state["optimizers"]) == ["peer", "student"]
+    assert "momentum_buffer" in str(state["optimizers"]["peer"]) and "exp_avg" in str(state["optimizers"]["student"])
