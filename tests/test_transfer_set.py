@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from transfuse.data import (
     IGNORE_TARGET, ArrayDataset, TransferSet, collate_batch, complement, from_datasets, load_dataset,
     stratified_subset, with_id_offset,
 )
+
+from test_data import Pairs  # a user dataset of (x, y) pairs
 
 
 def assert_same_batch(a: dict, b: dict) -> None:
@@ -96,20 +98,6 @@ def test_complement_keeps_ids_and_checks_them():
     assert len(complement(data, data)) == 0
     with pytest.raises(ValueError, match=r"1 of the given sample ids are not in the dataset \(e.g. \[3\]\)"):
         complement(data, torch.tensor([3, 12]))
-
-
-class Pairs(Dataset):
-    """A user's dataset of ``(x, y)`` tuples."""
-
-    def __init__(self, n: int) -> None:
-        self.x = torch.randn(n, 1, 4, 4)
-        self.y = [i % 3 for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def test_transfer_set_of_user_datasets_uses_per_item_collate():
