@@ -153,3 +153,22 @@ def test_ensemble_source_equals_kd_against_the_mean_prediction():
     p = 0.5 * (torch.softmax(t1(batch["input"]) / T, -1) + torch.softmax(t2(batch["input"]) / T, -1))
     expected = T**2 * (p * (p.log() - torch.log_softmax(s / T, -1))).sum(-1).mean()
     assert torch.allclose(d(batch)["loss"], expected, atol=1e-6)
+
+
+def test_an_ensemble_of_feature_aliases_resolves_them_per_member():
+    class Net(nn.Sequential):
+        feature_layer = "1"
+
+    def net():
+        return Net(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    student, t1, t2 = net(), net(), net()
+    d = Distiller(
+        [Participant("student", student), Participant("a", t1, trainable=False), Participant("b", t2, trainable=False),
+         Ensemble("teachers", ["a", "b"], combine="mean_logits")],
+        [Term("fit", _loss("fitnet"), input="student.feature", target="teachers.feature")],
+    )
+    batch = _batch()
+    expected = 0.5 * (t1[1](t1[0](batch["input"])) + t2[1](t2[0](batch["input"])))
+    s = student[1](student[0](batch["input"]))
+    assert torch.allclose(d(batch)["parts"]["fit"], F.mse_loss(s, expected), atol=1e-6)

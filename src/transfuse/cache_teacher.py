@@ -65,11 +65,10 @@ def cache_teacher(cfg: RunConfig, out_dir: str | Path, *, participant: str = "te
     with torch.random.fork_rng(devices=[]):
         model = make_model(pcfg, splits, role=participant)
     teacher = Participant(participant, model, trainable=False)
-    paths = {f: teacher.resolve_field(f) for f in fields}
-    teacher.add_taps(paths.values())
+    teacher.add_taps(teacher.resolve_field(f) for f in fields)
     # Shapes come from one probe batch, before the (possibly long) teacher training.
     probe = next(iter(DataLoader(pool, batch_size=2, collate_fn=collate_batch)))
-    shapes = {f: tuple(v.shape[1:]) for f, v in _rename(teacher.provide(probe, paths.values()), paths).items()}
+    shapes = {f: tuple(v.shape[1:]) for f, v in teacher.provide(probe, fields).items()}
 
     if not pcfg.weights:
         weights = obtain_teacher_weights(cfg, participant, splits, fabric, quiet=quiet)
@@ -83,11 +82,7 @@ def cache_teacher(cfg: RunConfig, out_dir: str | Path, *, participant: str = "te
                      created_by={"transfuse": __version__, "torch": torch.__version__}, overwrite=overwrite) as writer:
         for batch in tqdm(loader, desc=f"cache {participant}", disable=quiet or None, dynamic_ncols=True):
             batch = fabric.to_device(batch)
-            writer.write(batch["sample_id"], _rename(teacher.provide(batch, paths.values()), paths))
+            writer.write(batch["sample_id"], teacher.provide(batch, fields))
     return {"out": str(out_dir), "participant": participant, "samples": len(pool), "fields": {f: list(shapes[f]) for f in fields},
             "dtype": dtype}
 
-
-def _rename(outputs: dict[str, torch.Tensor], paths: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Outputs keyed by the reference field (``feature``) instead of the module path behind it."""
-    return {field: outputs[path] for field, path in paths.items()}

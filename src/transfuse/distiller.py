@@ -141,7 +141,7 @@ class Distiller(nn.Module):
         for term in self.terms:
             for ref in (term.input, term.target):
                 if ref is not None:
-                    fields[ref.source].add(by_name[ref.source].resolve_field(ref.field))
+                    fields[ref.source].add(ref.field)  # as written: each source resolves its own aliases
         self._order = _topological(by_name)
         for name in reversed(self._order):  # an ensemble's fields are asked of its members too
             for member in by_name[name].inputs:
@@ -153,7 +153,7 @@ class Distiller(nn.Module):
         for name in self._order:
             source = by_name[name]
             if isinstance(source, Participant):
-                source.add_taps(fields[name])
+                source.add_taps(source.resolve_field(f) for f in fields[name])
 
     def _check_refs(self, by_name: Mapping[str, Source]) -> None:
         for term in self.terms:
@@ -237,7 +237,7 @@ class Distiller(nn.Module):
                 module.train(training)
 
     def _lookup(self, outs: Mapping[str, Outputs], ref: Ref) -> torch.Tensor:
-        return outs[ref.source][self.sources[ref.source].resolve_field(ref.field)]
+        return outs[ref.source][ref.field]
 
 
 def _topological(sources: Mapping[str, Source]) -> list[str]:

@@ -111,21 +111,29 @@ class Participant:
         self._precision = precision
 
     def provide(self, batch: Mapping[str, torch.Tensor], fields: Iterable[str] = (LOGITS,), upstream=None) -> Outputs:
-        """``{"logits": (B, ...), <tap path>: feature, ...}`` for ``batch``.
+        """``{"logits": (B, ...), <field>: feature, ...}`` for ``batch``, keyed by the fields
+        as asked (``feature`` stays ``feature``; its module path must have been tapped with
+        :meth:`add_taps`).
 
         A frozen participant runs in eval mode without autograd, whatever mode the caller
         is in; a trainable one runs as it is (the engine puts it in training mode).
         """
         if self.trainable:
-            return self._forward(batch)
+            return self._named(self._forward(batch), fields)
         if self.model.training:  # eval-locked: a caller's .train() must not switch on dropout
             self.model.eval()
         with torch.no_grad():
             if self._precision is not None:
                 with self._precision.forward_context():
                     out = self._forward(self._precision.convert_input(dict(batch)))
-                return self._precision.convert_output(out)
-            return self._forward(batch)
+                return self._named(self._precision.convert_output(out), fields)
+            return self._named(self._forward(batch), fields)
+
+    def _named(self, out: Outputs, fields: Iterable[str]) -> Outputs:
+        named = {LOGITS: out[LOGITS]}
+        for field in fields:
+            named[field] = out[self.resolve_field(field)]
+        return named
 
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> Outputs:
         with self.taps:
