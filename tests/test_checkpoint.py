@@ -64,3 +64,21 @@ def test_missing_and_mismatching_weights(tmp_path):
     save_weights(tmp_path / "w.safetensors", torch.nn.Linear(4, 2).state_dict())
     with pytest.raises(CheckpointError, match=r"shape mismatch weight: file \(2, 4\) vs model \(2, 3\)"):
         load_into(net, load_weights(tmp_path / "w.safetensors"), source="test")
+
+
+def test_written_files_get_the_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from transfuse.atomic import write_atomic
+    from transfuse.checkpoint import save_checkpoint, save_weights
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.txt", "x")
+        save_weights(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+        ck = save_checkpoint(tmp_path / "ck", 1, {"a": torch.zeros(2)}, {"step": 1})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.txt", tmp_path / "w.safetensors", ck / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -220,3 +220,17 @@ def test_internal_errors_keep_their_traceback(monkeypatch, base_config, tmp_path
     cfg = _config(tmp_path, base_config)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["run", str(cfg), "--out", str(tmp_path / "r"), "--quiet"])
+
+
+def test_resume_may_lower_the_learning_rate_or_clip_gradients(base_config, tmp_path, capsys):
+    # What the non-finite-loss error advises: lower optim.lr or set train.grad_clip, then --resume.
+    base_config["train"].update(steps=20, checkpoint_every=10)
+    cfg = _config(tmp_path, base_config)
+    out = tmp_path / "r"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(cfg), "--out", str(out), "--resume", "--set", "train.steps=31", "--quiet"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--out", str(out), "--resume", "--set", "optim.lr=0.001", "--set", "train.grad_clip=1.0",
+                 "--quiet"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 0.001 and saved["train"]["grad_clip"] == 1.0

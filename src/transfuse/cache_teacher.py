@@ -56,6 +56,8 @@ def cache_teacher(cfg: RunConfig, out_dir: str | Path, *, participant: str = "te
         raise UserError(f"--participant {participant!r} is not a frozen participant of this config; frozen ones: {frozen or 'none'}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if Path(out_dir).exists() and not overwrite:
+        raise UserError(f"--out {str(out_dir)!r} already exists; pass --overwrite to replace it, or choose another folder")
     pcfg = cfg.participants[participant].model_copy(update={"cache": None})
     fabric = make_fabric(cfg.fabric)
     splits = load_splits(cfg.data)

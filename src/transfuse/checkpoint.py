@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_atomic
+from .atomic import give_default_mode, write_atomic
 from .errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -49,6 +49,7 @@ def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], *, met
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors_for_saving(state), str(tmp), metadata=metadata)
+    give_default_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -120,6 +121,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(tensors_for_saving(model_state), str(tmp / MODEL_FILE))
+    give_default_mode(tmp / MODEL_FILE)
     torch.save(train_state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

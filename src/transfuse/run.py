@@ -16,6 +16,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -44,6 +45,8 @@ from .recipes import make_recipe
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
+#: Config fields a resumed run may change: what the non-finite-loss advice tells users to change.
+RESUME_MAY_CHANGE = ("optim.lr", "participants.*.optim.lr", "train.grad_clip", "train.progress")
 
 
 class RunDirError(UserError, FileExistsError):
@@ -186,12 +189,14 @@ def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool) -> None:
             raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
         old = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
         diff = _diff(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
-        diff = [d for d in diff if d.split(":")[0] not in ("train.progress",)]
-        if diff:
+        fixed = [d for d in diff if not any(fnmatch.fnmatchcase(d.split(":")[0], p) for p in RESUME_MAY_CHANGE)]
+        if fixed:
             raise RunDirError(
-                f"--resume: the config differs from the one {str(out)!r} was started with ({'; '.join(diff[:8])}); "
-                "a resumed run must use the same config"
+                f"--resume: the config differs from the one {str(out)!r} was started with ({'; '.join(fixed[:8])}); "
+                f"a resumed run must use the same config (only {', '.join(RESUME_MAY_CHANGE)} may change)"
             )
+        if diff:  # a lower learning rate or a gradient clip after a non-finite loss: recorded
+            write_atomic(saved, cfg.to_yaml())
         return  # the engine continues from the newest checkpoint, or from step 0 if there is none
     if latest_checkpoint(out / CHECKPOINTS) is not None or (out / SUMMARY).exists():
         raise RunDirError(
