@@ -172,3 +172,42 @@ def test_an_ensemble_of_feature_aliases_resolves_them_per_member():
     expected = 0.5 * (t1[1](t1[0](batch["input"])) + t2[1](t2[0](batch["input"])))
     s = student[1](student[0](batch["input"]))
     assert torch.allclose(d(batch)["parts"]["fit"], F.mse_loss(s, expected), atol=1e-6)
+
+
+def test_a_learned_ensemble_learns_to_trust_the_better_teacher(tmp_path):
+    from lightning_fabric import Fabric
+
+    from transfuse.data.base import ArrayDataset
+    from transfuse.engine import FitSettings, fit
+    from transfuse.optim import make_optimizer
+    from transfuse.sources import LearnedEnsemble
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes
+
+    class Oracle(nn.Module):  # a teacher that knows the rule
+        def forward(self, inp):
+            return 5.0 * F.one_hot((inp[:, 0] > 0).long() + (inp[:, 1] > 0).long(), 3).float()
+
+    student, good, noise = _net(), Oracle(), _net()
+    ens = LearnedEnsemble("teachers", ["good", "noise"], temperature=1.0)
+    d = Distiller(
+        [Participant("student", student), Participant("good", good, trainable=False),
+         Participant("noise", noise, trainable=False), ens],
+        [Term("ens_ce", _loss("ce"), input="teachers.logits", target=None),
+         Term("kd", _loss("kd"), input="student.logits", target="teachers.logits")],
+    )
+    assert d.trainable_names == ["student", "teachers"] and "learned.teachers.theta" in d.state_dict()
+    opts = {"student": make_optimizer(student.parameters(), name="adam", lr=0.01),
+            "teachers": make_optimizer(ens.parameters(), name="adam", lr=0.1)}
+    fit(Fabric(accelerator="cpu", devices=1), d, opts, ArrayDataset(x, y), FitSettings(steps=40, batch_size=32, progress=False,
+        checkpoint_every=40), run_dir=tmp_path)
+    w = ens.weights()
+    assert w[0] > 0.9, w  # the labels taught it which teacher to trust
+    # The KD term's target is detached: without the CE term on the ensemble, its weights would not move.
+    d2 = Distiller([Participant("student", _net()), Participant("good", good, trainable=False),
+                    Participant("noise", noise, trainable=False), LearnedEnsemble("teachers", ["good", "noise"])],
+                   [Term("kd", _loss("kd"), input="student.logits", target="teachers.logits")])
+    d2(_batch())["loss"].backward()
+    assert d2.learned["teachers"].theta.grad is None

@@ -89,3 +89,17 @@ def test_dml_with_the_alternating_recipe_and_its_own_optimizer_per_peer(tmp_path
     _, state = load_checkpoint(latest_checkpoint(tmp_path / "alt" / "checkpoints"))
     assert sorted(state["optimizers"]) == ["peer", "student"]
     assert "momentum_buffer" in str(state["optimizers"]["peer"]) and "exp_avg" in str(state["optimizers"]["student"])
+
+
+def test_a_learned_ensemble_from_a_config(tmp_path, teacher_cache):
+    cfg = load_config(ROOT / "configs" / "digits" / "multi_teacher.yaml", [
+        *FAST, f"teacher.cache_dir={teacher_cache}", "teacher.train.steps=150",
+        f"participants.teacher_2.cache_dir={teacher_cache}", "participants.teacher_2.train.steps=5",
+        "sources={teachers: {members: [teacher, teacher_2], combine: learned, temperature: 4.0, optim: {name: adam, lr: 0.05}}}",
+        "distill={terms: [{loss: ce, weight: 0.1}, {loss: ce, name: ensemble_ce, input: teachers.logits},"
+        " {loss: kd, weight: 0.9, target: teachers.logits}]}",
+    ])
+    summary = run(cfg, out_dir=tmp_path / "learned", quiet=True)
+    weights = summary["learned_weights"]["teachers"]
+    assert abs(sum(weights.values()) - 1) < 1e-6
+    assert weights["teacher"] > weights["teacher_2"], "a 5-step teacher must earn the smaller weight"

@@ -34,11 +34,11 @@ from .engine import FitSettings, fit  # noqa: E402
 from .participants import Participant  # noqa: E402
 from .recipes import DefaultRecipe, Recipe  # noqa: E402
 from .run import run  # noqa: E402
-from .sources import CachedOutputs, Ensemble  # noqa: E402
+from .sources import CachedOutputs, Ensemble, LearnedEnsemble  # noqa: E402
 from .taps import FeatureTaps  # noqa: E402
 
 __all__ = [
-    "CachedOutputs", "DefaultRecipe", "Distiller", "Ensemble", "FeatureTaps", "FitSettings", "Participant", "Recipe", "Ref",
+    "CachedOutputs", "DefaultRecipe", "Distiller", "Ensemble", "FeatureTaps", "LearnedEnsemble", "FitSettings", "Participant", "Recipe", "Ref",
     "RunConfig", "Term", "__version__", "analysis", "data", "fit", "functional", "load_config", "losses",
     "models", "run",
 ]

@@ -29,7 +29,7 @@ from .models import build_model
 from .optim import make_optimizer
 from .participants import LOGITS, Participant
 from .schedules import SCHEDULES, Constant
-from .sources import CachedOutputs, Ensemble
+from .sources import CachedOutputs, Ensemble, LearnedEnsemble
 from .taps import FeatureTaps
 
 
@@ -132,12 +132,16 @@ def make_participants(cfg: RunConfig, splits: DataSplits) -> dict[str, Any]:
     return out
 
 
-def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble]:
-    """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble` objects."""
-    return {
-        name: Ensemble(name, s.members, combine=s.combine, temperature=s.temperature, weights=s.weights)
-        for name, s in sources.items()
-    }
+def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble | LearnedEnsemble]:
+    """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble`
+    (fixed weights) or :class:`~transfuse.sources.LearnedEnsemble` objects."""
+    out: dict[str, Ensemble | LearnedEnsemble] = {}
+    for name, s in sources.items():
+        if s.combine == "learned":
+            out[name] = LearnedEnsemble(name, s.members, temperature=s.temperature)
+        else:
+            out[name] = Ensemble(name, s.members, combine=s.combine, temperature=s.temperature, weights=s.weights)
+    return out
 
 
 def probe_shapes(model: nn.Module, paths, batch: Mapping[str, torch.Tensor], *, role: str) -> dict[str, tuple[int, ...]]:
@@ -261,15 +265,19 @@ def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
 
 
 def make_optimizers(cfg: RunConfig, distiller: Distiller) -> dict[str, torch.optim.Optimizer]:
-    """One optimizer per trainable participant, over its model and the learnable parts of
-    the terms that train it (FitNets' regressor belongs to the student's optimizer)."""
+    """One optimizer per trainable participant (and learned source), over its parameters and
+    the learnable parts of the terms that train it (FitNets' regressor belongs to the
+    student's optimizer)."""
     optimizers = {}
-    for name, model in distiller.models.items():
-        params = list(model.parameters())
+    sources = cfg.resolved_sources()
+    for name in distiller.trainable_names:
+        own = distiller.models[name] if name in distiller.models else distiller.learned[name]
+        params = list(own.parameters())
         for term in distiller.terms:
             if term.input.source == name:
                 params += list(term.loss.parameters())
-        optimizers[name] = make_optimizer_from(cfg.participants[name].optim or cfg.optim, params)
+        section = cfg.participants[name].optim if name in cfg.participants else sources[name].optim
+        optimizers[name] = make_optimizer_from(section or cfg.optim, params)
     return optimizers
 
 

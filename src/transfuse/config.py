@@ -101,15 +101,23 @@ TeacherConfig = ParticipantConfig
 
 class EnsembleConfig(_Strict):
     """A source that combines other sources: ``mean_probs`` (weighted mean of the members'
-    probabilities at ``temperature``) or ``mean_logits``."""
+    probabilities at ``temperature``), ``mean_logits``, or ``learned`` (``mean_probs`` with
+    weights ``softmax(theta)`` trained by the terms that take the ensemble as their input,
+    with ``optim`` or the run's top-level one)."""
 
     members: list[str] = Field(min_length=1)
-    combine: Literal["mean_probs", "mean_logits"] = "mean_probs"
+    combine: Literal["mean_probs", "mean_logits", "learned"] = "mean_probs"
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    optim: OptimConfig | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> "EnsembleConfig":
+        if self.combine == "learned":
+            if self.weights is not None:
+                raise ValueError("weights: a learned ensemble learns its weights (they start equal); leave weights out")
+        elif self.optim is not None:
+            raise ValueError("optim: only a learned ensemble (combine: learned) has parameters to optimise")
         if self.weights is not None and (len(self.weights) != len(self.members) or sum(self.weights) <= 0):
             raise ValueError(f"weights: expected {len(self.members)} non-negative numbers with a positive sum, one per member")
         return self
@@ -395,8 +403,11 @@ def _check_ref(ref: str, where: str, role: str, participants: dict, sources: dic
             raise ValueError(f"{where}: {role} {ref!r} is a frozen participant; a term trains its input, so the input "
                              "must be a trainable participant")
         return
-    if name in sources and not trainable:
+    if name in sources and (not trainable or sources[name].combine == "learned"):
         return
+    if name in sources:
+        raise ValueError(f"{where}: {role} {ref!r} is a source with fixed weights; a term trains its input, so the input "
+                         "must be a trainable participant (or a source with combine: learned)")
     defined = ", ".join(sorted([*participants, *sources]))
     hint = " (add a `teacher:` section, or a participant of that name)" if name == "teacher" else ""
     raise ValueError(f"{where}: {role} {ref!r} names no {'trainable participant' if trainable else 'participant or source'}"

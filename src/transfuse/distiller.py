@@ -129,8 +129,10 @@ class Distiller(nn.Module):
         self.models = nn.ModuleDict({s.name: s.model for s in sources if isinstance(s, Participant) and s.trainable})
         if not self.models:
             raise ValueError("a Distiller needs at least one trainable participant")
+        # Sources with parameters of their own (a learned ensemble): trained and checkpointed too.
+        self.learned = nn.ModuleDict({s.name: s for s in sources if _is_learnable_source(s)})
         object.__setattr__(self, "sources", by_name)  # outside the module tree on purpose
-        self._terms_by_input = {name: {t.name for t in terms if t.input.source == name} for name in self.models}
+        self._terms_by_input = {name: {t.name for t in terms if t.input.source == name} for name in self.trainable_names}
 
         self._check_refs(by_name)
         # Fields each source must produce, resolved once (aliases -> module paths).
@@ -165,11 +167,16 @@ class Distiller(nn.Module):
                         f"term {term.name!r}: {role} {str(ref)!r} names no source; sources: {', '.join(sorted(by_name))}"
                     )
             source = by_name[term.input.source]
-            if not (isinstance(source, Participant) and source.trainable):
+            if not (isinstance(source, Participant) and source.trainable or _is_learnable_source(source)):
                 raise ValueError(
                     f"term {term.name!r}: its input {str(term.input)!r} is not a trainable participant, so the term "
                     "could train nothing; put a trainable participant on the input side"
                 )
+
+    @property
+    def trainable_names(self) -> list[str]:
+        """Everything a term can train, in order: the trainable participants, then learned sources."""
+        return [*self.models, *self.learned]
 
     @property
     def participants(self) -> dict[str, Participant]:
@@ -238,6 +245,12 @@ class Distiller(nn.Module):
 
     def _lookup(self, outs: Mapping[str, Outputs], ref: Ref) -> torch.Tensor:
         return outs[ref.source][ref.field]
+
+
+def _is_learnable_source(source: object) -> bool:
+    return isinstance(source, nn.Module) and not isinstance(source, Participant) and any(
+        p.requires_grad for p in source.parameters()
+    )
 
 
 def _topological(sources: Mapping[str, Source]) -> list[str]:

@@ -128,7 +128,7 @@ class AlternatingRecipe:
 
     def step(self, ctx: StepContext) -> StepResult:
         fabric, k = ctx.fabric, ctx.accumulate
-        names = list(ctx.distiller.models)
+        names = ctx.distiller.trainable_names
         missing = [n for n in names if n not in ctx.optimizers]
         if missing:
             raise ValueError(

@@ -177,6 +177,7 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
         "agreement": agreement(logits[student], logits[teacher]) if teacher else None,
         "participants": entries,
         "cached": sorted(n for n, p in cfg.participants.items() if p.cache),
+        "learned_weights": {name: dict(zip(src.inputs, src.weights().tolist())) for name, src in distiller.learned.items()},
     }
     summary.update(transfuse_version=__version__, torch_version=torch.__version__, git_commit=_git_commit())
     return summary

@@ -2,8 +2,10 @@
 
 A term's target is a reference ``<source>.<field>``; the source may be a
 :class:`~transfuse.participants.Participant`, a :class:`CachedOutputs` (a teacher answered
-from disk by sample id, without loading or running it), or an :class:`Ensemble` that
-combines the outputs of several sources (several teachers into one target).
+from disk by sample id, without loading or running it), an :class:`Ensemble` that
+combines the outputs of several sources with fixed weights (several teachers into one
+target), or a :class:`LearnedEnsemble` whose weights are trained by the terms that take
+it as their input (e.g. a label loss on the ensemble's prediction).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from torch import nn
 
 from .participants import LOGITS, Outputs
 
@@ -113,13 +117,64 @@ class Ensemble:
         return out
 
 
-def mean_probs_logits(logits: Sequence[torch.Tensor], *, temperature: float, weights: Sequence[float]) -> torch.Tensor:
+def mean_probs_logits(
+    logits: Sequence[torch.Tensor], *, temperature: float, weights: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """Logits whose softmax at ``temperature`` is ``sum_i w_i softmax(logits_i / T)``.
 
-    Shapes: each ``(..., C)`` -> ``(..., C)``. Computed in log space
+    Shapes: each ``(..., C)`` -> ``(..., C)``; ``weights`` ``(K,)`` (a tensor may carry
+    gradients, as a learned ensemble's do). Computed in log space
     (``logsumexp_i(log w_i + log_softmax(z_i / T))``), so a tiny member probability stays finite.
     """
     stacked = torch.stack([F.log_softmax(z.float() / temperature, dim=-1) for z in logits])  # (K, ..., C)
-    log_w = torch.log(torch.tensor(weights, dtype=stacked.dtype, device=stacked.device))  # (K,)
+    log_w = torch.log(torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device))  # (K,)
     log_w = log_w.reshape(-1, *([1] * (stacked.dim() - 1)))
     return temperature * torch.logsumexp(stacked + log_w, dim=0)  # (..., C)
+
+
+class LearnedEnsemble(nn.Module):
+    """An ensemble whose member weights are learned: ``w = softmax(theta)``, ``theta`` ``(K,)``
+    starting at 0 (equal weights).
+
+    It is *trainable*: the Distiller holds it in its module tree (optimised with its own
+    optimizer, checkpointed), and a term may take it as its ``input`` -- e.g.
+    ``{loss: ce, input: teachers.logits}`` learns which teacher to trust from the labels,
+    while ``{loss: kd, input: student.logits, target: teachers.logits}`` distils the
+    weighted ensemble (detached, so the KD term does not move the weights). Logits are
+    combined as ``mean_probs`` at ``temperature`` (see :class:`Ensemble`), other fields by
+    the weighted mean.
+    """
+
+    trainable = True
+
+    def __init__(self, name: str, members: Sequence[str], *, temperature: float = 1.0) -> None:
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError(f"ensemble {name!r} needs at least one member")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"ensemble {name!r}: temperature must be a finite number > 0, got {temperature}")
+        self.name = name
+        self.inputs = tuple(members)
+        self.temperature = float(temperature)
+        self.theta = nn.Parameter(torch.zeros(len(members)))  # (K,) weight logits
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, members={list(self.inputs)}, temperature={self.temperature}"
+
+    def weights(self) -> torch.Tensor:
+        """The current member weights ``(K,)``, summing to 1."""
+        return torch.softmax(self.theta, dim=0)
+
+    def resolve_field(self, field: str) -> str:
+        return field
+
+    def provide(self, batch, fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
+        w = self.weights()
+        out: Outputs = {}
+        for field in fields:
+            values = [upstream[m][field] for m in self.inputs]
+            if field == LOGITS:
+                out[field] = mean_probs_logits(values, temperature=self.temperature, weights=w)
+            else:
+                out[field] = sum(w[i] * v.float() for i, v in enumerate(values))
+        return out
