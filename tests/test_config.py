@@ -180,3 +180,14 @@ def test_alternating_recipe_is_refused_under_ddp(base_config):
     base_config["recipe"] = {"name": "alternatng"}
     with pytest.raises(ConfigError, match="unknown recipe 'alternatng'. Did you mean 'alternating'"):
         config_from_dict(base_config)
+
+
+def test_transforms_are_checked_at_load(base_config):
+    base_config["transforms"] = [{"name": "gaussian_noise", "options": {"std": -1}}]
+    with pytest.raises(ConfigError, match=r"transforms\.0.*std must be a finite number >= 0"):
+        config_from_dict(base_config)
+    base_config["transforms"] = [{"name": "gausian_noise"}]
+    with pytest.raises(ConfigError, match="unknown transform 'gausian_noise'. Did you mean 'gaussian_noise'"):
+        config_from_dict(base_config)
+    base_config["transforms"] = [{"name": "gaussian_noise", "options": {"std": 0.05}}]
+    assert config_from_dict(base_config).transforms[0].options == {"std": 0.05}

@@ -41,13 +41,14 @@ def _fabric():
     return Fabric(accelerator="cpu", devices=1)
 
 
-def _train(run_dir, *, steps=30, batch_size=32, accumulate=1, dropout=0.0, optim="adam", resume=False, student_teacher=None, **kw):
+def _train(run_dir, *, steps=30, batch_size=32, accumulate=1, dropout=0.0, optim="adam", resume=False, student_teacher=None,
+           transforms=(), **kw):
     student, teacher = student_teacher or _models(dropout)
     d = _distiller(student, teacher)
     opt = make_optimizer(d.parameters(), name=optim, lr=0.05)
     settings = FitSettings(steps=steps, batch_size=batch_size, accumulate=accumulate, seed=3, log_every=kw.pop("log_every", 5),
                            checkpoint_every=kw.pop("checkpoint_every", 10), keep_checkpoints=10, progress=False, **kw)
-    fit(_fabric(), d, opt, _data(), settings, run_dir=run_dir, resume=resume)
+    fit(_fabric(), d, opt, _data(), settings, run_dir=run_dir, resume=resume, transforms=transforms)
     return student
 
 
@@ -230,3 +231,20 @@ def test_alternating_recipe_updates_participants_in_turn_like_a_hand_written_loo
         ob.zero_grad(), loss_b.backward(), ob.step()
     for p, q in zip([*a.parameters(), *b.parameters()], [*ra.parameters(), *rb.parameters()]):
         assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
+
+
+def test_resume_with_a_random_batch_transform_is_bit_identical(tmp_path):
+    from transfuse.transforms import make_transform
+
+    noise = [make_transform("gaussian_noise", std=0.5)]
+    full = _train(tmp_path / "full", steps=30, transforms=noise)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    for ck in (part / "checkpoints").iterdir():
+        if ck.name != "step-00000010":
+            shutil.rmtree(ck) if ck.is_dir() else ck.unlink()
+    resumed = _train(part, steps=30, resume=True, transforms=noise)
+    plain = _train(tmp_path / "plain", steps=30)
+    for p, q, r in zip(full.parameters(), resumed.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, r) for p, r in zip(full.parameters(), plain.parameters())), "the noise must change training"

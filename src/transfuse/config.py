@@ -274,6 +274,20 @@ class RecipeConfig(_Strict):
         return self
 
 
+class TransformConfig(_Strict):
+    """A batch transform (``transfuse.transforms``), applied before every forward pass."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "TransformConfig":
+        from .transforms import make_transform
+
+        make_transform(self.name, **self.options)  # a bad option value fails here, at load
+        return self
+
+
 class TrainConfig(_Strict):
     """The training loop. ``batch_size`` is the global micro-batch (split across devices);
     one optimizer step sees ``batch_size * accumulate`` samples."""
@@ -319,6 +333,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     fabric: FabricConfig = Field(default_factory=FabricConfig)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    transforms: list[TransformConfig] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,7 @@ from .errors import UserError
 from .losses import LOSSES
 from .participants import Participant
 from .recipes import make_recipe
+from .transforms import make_transform
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -99,7 +100,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
         return scores
 
     result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate,
-                 recipe=make_recipe(cfg.recipe.name, **cfg.recipe.options))
+                 recipe=make_recipe(cfg.recipe.name, **cfg.recipe.options),
+                 transforms=[make_transform(t.name, **t.options) for t in cfg.transforms])
 
     summary: dict[str, Any] = {}
     if fabric.global_rank == 0:
