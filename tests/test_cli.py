@@ -138,20 +138,26 @@ def test_sigkill_then_resume_equals_uninterrupted_run(base_config, tmp_path, var
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_single_process(base_config, tmp_path):
+@pytest.mark.parametrize("method", ["kd", "dml"])
+def test_ddp_two_cpu_processes_match_single_process(base_config, tmp_path, method):
     # No batch norm, no dropout: the only difference DDP may make is the float order of the
-    # gradient all-reduce.
+    # gradient all-reduce. With dml, two trainable participants share the DDP-wrapped Distiller.
     base_config["train"].update(steps=20, batch_size=32, checkpoint_every=20)
     base_config["optim"] = {"name": "sgd", "lr": 0.1, "momentum": 0.0}
+    if method == "dml":
+        del base_config["teacher"]
+        base_config["participants"] = {"peer": {"name": "mlp", "options": {"hidden": [12]}, "trainable": True}}
+        base_config["distill"] = {"method": "dml"}
     cfg = _config(tmp_path, base_config)
     single = _cli("run", str(cfg), "--out", str(tmp_path / "single"), "--quiet")
     assert single.returncode == 0, single.stderr
     ddp = _cli("run", str(cfg), "--out", str(tmp_path / "ddp"), "--quiet",
                "--set", "fabric.strategy=ddp", "--set", "fabric.devices=2", "--set", "fabric.accelerator=cpu")
     assert ddp.returncode == 0, ddp.stderr
-    a, b = load_file(tmp_path / "single" / "student.safetensors"), load_file(tmp_path / "ddp" / "student.safetensors")
-    for k in a:
-        assert (a[k] - b[k]).abs().max() < 1e-5, k
+    for name in ["student", "peer"] if method == "dml" else ["student"]:
+        a, b = load_file(tmp_path / "single" / f"{name}.safetensors"), load_file(tmp_path / "ddp" / f"{name}.safetensors")
+        for k in a:
+            assert (a[k] - b[k]).abs().max() < 1e-5, (name, k)
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["steps"] == 20
 
 
