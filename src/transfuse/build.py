@@ -19,13 +19,14 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_into, load_weights
 from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
-from .data import DATASETS, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
+from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
 from .data.base import first_batch
 from .distiller import Distiller, Ref, Term
 from .engine import FitSettings
 from .errors import DataError, ModelError
 from .losses import LOSSES
 from .models import build_model
+from .models.outputs import call_model
 from .optim import make_optimizer
 from .participants import LOGITS, Participant
 from .schedules import SCHEDULES, Constant
@@ -64,15 +65,13 @@ def load_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dataset]:
     labelled = stratified_subset(train, cfg.label_subset, seed=cfg.subset_seed)
     if cfg.transfer is None:
         return splits, labelled
-    return splits, TransferSet(labelled, transfer_pool(cfg, splits))
+    unlabelled = complement(train, labelled) if cfg.transfer == "rest" else external_transfer(cfg, splits)
+    return splits, TransferSet(labelled, unlabelled)
 
 
-def transfer_pool(cfg: DataConfig, splits: DataSplits):
-    """The unlabelled part of the transfer set: the rest of the training split, or another
-    data set's training split (its sample ids offset past this one's)."""
-    if cfg.transfer == "rest":
-        labelled_ids = stratified_subset(splits.train, cfg.label_subset, seed=cfg.subset_seed).sample_ids
-        return complement(splits.train, labelled_ids)
+def external_transfer(cfg: DataConfig, splits: DataSplits):
+    """Another data set's training split as unlabelled transfer data, its sample ids offset
+    past this data set's so that the two never collide (in a teacher-output cache either)."""
     other = load_splits(DataConfig(name=cfg.transfer.name, options=cfg.transfer.options))
     if other.input_shape != splits.input_shape:
         raise DataError(
@@ -87,26 +86,23 @@ def cache_pool(cfg: DataConfig, splits: DataSplits):
     the external transfer data if configured (what ``transfuse cache-teacher`` covers)."""
     if cfg.transfer is None or cfg.transfer == "rest":
         return splits.train
-    pool = transfer_pool(cfg, splits)
-    return _concat(splits.train, pool)
+    return _concat(splits.train, external_transfer(cfg, splits))
 
 
 def _concat(a, b):
-    from .data import ArrayDataset
-
     if isinstance(a, ArrayDataset) and isinstance(b, ArrayDataset):
         return ArrayDataset(torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets]),
                             ids=torch.cat([a.sample_ids, b.sample_ids]))
     return torch.utils.data.ConcatDataset([a, b])
 
 
-def make_model(cfg: ParticipantConfig, splits: DataSplits, *, role: str, load: bool = True) -> nn.Module:
-    """Build a zoo model for the data's input shape and classes; load ``weights`` if given (and ``load``)."""
+def make_model(cfg: ParticipantConfig, splits: DataSplits, *, role: str) -> nn.Module:
+    """Build a zoo model for the data's input shape and classes; load ``weights`` if given."""
     try:
         model = build_model(cfg.name, input_shape=splits.input_shape, num_classes=splits.num_classes, **cfg.options)
     except (ValueError, TypeError, ImportError, OSError) as err:
         raise ModelError(f"participants.{role}: cannot build model {cfg.name!r}: {err}") from None
-    if cfg.weights and load:
+    if cfg.weights:
         load_into(model, load_weights(cfg.weights, what=f"participants.{role}.weights"),
                   source=f"participants.{role}.weights {cfg.weights!r}")
     return model
@@ -150,8 +146,6 @@ def probe_shapes(model: nn.Module, paths, batch: Mapping[str, torch.Tensor], *, 
     One forward pass in eval mode without autograd, so losses with learnable parts can be
     sized before the optimizer exists; the model's train/eval mode is restored afterwards.
     """
-    from .models.outputs import call_model
-
     was_training = model.training
     model.eval()
     taps = FeatureTaps(model, [p for p in paths if p != LOGITS], role=role)

@@ -95,10 +95,6 @@ class ParticipantConfig(ModelConfig):
         return self
 
 
-#: Kept for code that names the teacher's section type.
-TeacherConfig = ParticipantConfig
-
-
 class EnsembleConfig(_Strict):
     """A source that combines other sources: ``mean_probs`` (weighted mean of the members'
     probabilities at ``temperature``), ``mean_logits``, or ``learned`` (``mean_probs`` with

@@ -39,9 +39,3 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, schedule: str = "const
         progress = min((step - warmup_steps) / span, 1.0)
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown lr schedule {schedule!r}; valid: constant, cosine")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
