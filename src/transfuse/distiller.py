@@ -201,14 +201,7 @@ class Distiller(nn.Module):
         weights: dict[str, float] = {}
         by_input: dict[str, torch.Tensor] = {}  # the weighted sum of the terms that train each participant
         for term in self.terms:
-            s = self._lookup(outs, term.input)
-            t = None
-            if term.target is not None:
-                t = self._lookup(outs, term.target)
-                if term.detach_target:
-                    t = t.detach()
-                _check_pair(term, s, t)
-            value = term.loss(s, t, mask=_mask(term, batch), weights=_entry(term, batch, term.sample_weights), **_needs(term, batch))
+            value = self._evaluate(term, outs, batch)
             weight = term.weight * term.schedule.factor(step)
             parts[term.name] = value.detach()
             weights[term.name] = weight
@@ -229,19 +222,30 @@ class Distiller(nn.Module):
         try:
             outs = self.outputs(batch)
             for term in self.terms:
-                s = self._lookup(outs, term.input)
-                t = self._lookup(outs, term.target) if term.target is not None else None
-                if t is not None:
-                    _check_pair(term, s, t)
                 try:
-                    term.loss(s, t, mask=_mask(term, batch), weights=_entry(term, batch, term.sample_weights),
-                              **_needs(term, batch))
+                    self._evaluate(term, outs, batch)
+                except DistillShapeError:
+                    raise
                 except (ValueError, RuntimeError, IndexError) as err:
-                    sides = f"{term.input} {tuple(s.shape[1:])}" + (f" with {term.target} {tuple(t.shape[1:])}" if t is not None else "")
+                    s = self._lookup(outs, term.input)
+                    sides = f"{term.input} {tuple(s.shape[1:])}"
+                    if term.target is not None:
+                        sides += f" with {term.target} {tuple(self._lookup(outs, term.target).shape[1:])}"
                     raise DistillShapeError(f"term {term.name!r} cannot compare {sides} (per-sample shapes): {err}") from None
         finally:
             for module, training in modes.items():
                 module.train(training)
+
+    def _evaluate(self, term: Term, outs: Mapping[str, Outputs], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The term's unweighted loss on this batch's source outputs."""
+        s = self._lookup(outs, term.input)
+        t = None
+        if term.target is not None:
+            t = self._lookup(outs, term.target)
+            if term.detach_target:
+                t = t.detach()
+            _check_pair(term, s, t)
+        return term.loss(s, t, mask=_mask(term, batch), weights=_entry(term, batch, term.sample_weights), **_needs(term, batch))
 
     def _lookup(self, outs: Mapping[str, Outputs], ref: Ref) -> torch.Tensor:
         return outs[ref.source][ref.field]
