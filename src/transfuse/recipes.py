@@ -79,9 +79,25 @@ def _update(ctx: StepContext, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def _add(into: dict[str, torch.Tensor], parts: Mapping[str, torch.Tensor], scale: float) -> None:
-    for name, value in parts.items():
-        into[name] = value * scale if name not in into else into[name] + value * scale
+def _backward_over(ctx: StepContext, batches, owner: str | None = None) -> StepResult:
+    """Forward and backward over the micro-batches, each loss divided by ``accumulate`` (so
+    the gradient equals one batch of ``batch_size * accumulate``). ``owner``: back-propagate
+    only the terms that train that participant (and report only their parts); None: all."""
+    fabric, k = ctx.fabric, ctx.accumulate
+    loss_sum: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = {}
+    for micro, batch in enumerate(batches):
+        with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
+            out = ctx.model(batch, ctx.step)
+            loss = out["loss"] if owner is None else out["by_input"][owner]
+            fabric.backward(loss / k)
+        loss = loss.detach() / k
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        for name, value in out["parts"].items():
+            if owner is None or name in out["inputs"][owner]:
+                parts[name] = value / k if name not in parts else parts[name] + value / k
+    assert loss_sum is not None, "a step needs at least one micro-batch"
+    return StepResult(loss=loss_sum, parts=parts)
 
 
 @RECIPES.register("default", summary="one forward and backward per micro-batch, then every optimizer steps")
@@ -96,18 +112,7 @@ class DefaultRecipe:
     """
 
     def step(self, ctx: StepContext) -> StepResult:
-        fabric, k = ctx.fabric, ctx.accumulate
-        loss_sum: torch.Tensor | None = None
-        parts: dict[str, torch.Tensor] = {}
-        for micro, batch in enumerate(ctx.micro_batches):
-            with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
-                out = ctx.model(batch, ctx.step)
-                fabric.backward(out["loss"] / k)
-            loss = out["loss"].detach() / k
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-            _add(parts, out["parts"], 1.0 / k)
-        assert loss_sum is not None, "a step needs at least one micro-batch"
-        result = StepResult(loss=loss_sum, parts=parts)
+        result = _backward_over(ctx, ctx.micro_batches)
         ctx.guard(result)
         for optimizer in ctx.optimizers.values():
             _update(ctx, optimizer)
@@ -127,7 +132,6 @@ class AlternatingRecipe:
     """
 
     def step(self, ctx: StepContext) -> StepResult:
-        fabric, k = ctx.fabric, ctx.accumulate
         names = ctx.distiller.trainable_names
         missing = [n for n in names if n not in ctx.optimizers]
         if missing:
@@ -139,22 +143,13 @@ class AlternatingRecipe:
         total: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
         for name in names:
-            loss_sum: torch.Tensor | None = None
-            own: dict[str, torch.Tensor] = {}
-            for micro, batch in enumerate(batches):
-                with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
-                    out = ctx.model(batch, ctx.step)
-                    fabric.backward(out["by_input"][name] / k)
-                loss = out["by_input"][name].detach() / k
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-                _add(own, {t: v for t, v in out["parts"].items() if t in out["inputs"][name]}, 1.0 / k)
-            assert loss_sum is not None, "a step needs at least one micro-batch"
-            ctx.guard(StepResult(loss=loss_sum, parts=own))
+            own = _backward_over(ctx, batches, owner=name)
+            ctx.guard(own)
             _update(ctx, ctx.optimizers[name])
             for optimizer in ctx.optimizers.values():  # nothing may carry over to the next participant's update
                 optimizer.zero_grad(set_to_none=True)
-            total = loss_sum if total is None else total + loss_sum
-            parts.update(own)
+            total = own.loss if total is None else total + own.loss
+            parts.update(own.parts)
         assert total is not None
         return StepResult(loss=total, parts=parts)
 
