@@ -80,12 +80,9 @@ class Ensemble:
         self, name: str, members: Sequence[str], *, combine: Combine = "mean_probs", temperature: float = 1.0,
         weights: Sequence[float] | None = None,
     ) -> None:
-        if len(members) < 1:
-            raise ValueError(f"ensemble {name!r} needs at least one member")
+        _check_ensemble(name, members, temperature)
         if combine not in ("mean_probs", "mean_logits"):
             raise ValueError(f"ensemble {name!r}: combine must be 'mean_probs' or 'mean_logits', got {combine!r}")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"ensemble {name!r}: temperature must be a finite number > 0, got {temperature}")
         if weights is None:
             weights = [1.0] * len(members)
         if len(weights) != len(members) or any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
@@ -107,14 +104,27 @@ class Ensemble:
         return field
 
     def provide(self, batch, fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
-        out: Outputs = {}
-        for field in fields:
-            values = [upstream[m][field] for m in self.inputs]
-            if field == LOGITS and self.combine == "mean_probs":
-                out[field] = mean_probs_logits(values, temperature=self.temperature, weights=self.weights)
-            else:
-                out[field] = sum(w * v.float() for w, v in zip(self.weights, values))
-        return out
+        return _combine(self, fields, upstream, self.weights, mean_probs=self.combine == "mean_probs")
+
+
+def _check_ensemble(name: str, members: Sequence[str], temperature: float) -> None:
+    if len(members) < 1:
+        raise ValueError(f"ensemble {name!r} needs at least one member")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"ensemble {name!r}: temperature must be a finite number > 0, got {temperature}")
+
+
+def _combine(ensemble, fields: Iterable[str], upstream: Mapping[str, Outputs], weights, *, mean_probs: bool) -> Outputs:
+    """Each field's weighted combination over ``ensemble.inputs``: logits as ``mean_probs``
+    (if asked), everything else as the weighted mean."""
+    out: Outputs = {}
+    for field in fields:
+        values = [upstream[m][field] for m in ensemble.inputs]
+        if field == LOGITS and mean_probs:
+            out[field] = mean_probs_logits(values, temperature=ensemble.temperature, weights=weights)
+        else:
+            out[field] = sum(weights[i] * v.float() for i, v in enumerate(values))
+    return out
 
 
 def mean_probs_logits(
@@ -149,10 +159,7 @@ class LearnedEnsemble(nn.Module):
 
     def __init__(self, name: str, members: Sequence[str], *, temperature: float = 1.0) -> None:
         super().__init__()
-        if len(members) < 1:
-            raise ValueError(f"ensemble {name!r} needs at least one member")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"ensemble {name!r}: temperature must be a finite number > 0, got {temperature}")
+        _check_ensemble(name, members, temperature)
         self.name = name
         self.inputs = tuple(members)
         self.temperature = float(temperature)
@@ -169,12 +176,4 @@ class LearnedEnsemble(nn.Module):
         return field
 
     def provide(self, batch, fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
-        w = self.weights()
-        out: Outputs = {}
-        for field in fields:
-            values = [upstream[m][field] for m in self.inputs]
-            if field == LOGITS:
-                out[field] = mean_probs_logits(values, temperature=self.temperature, weights=w)
-            else:
-                out[field] = sum(w[i] * v.float() for i, v in enumerate(values))
-        return out
+        return _combine(self, fields, upstream, self.weights(), mean_probs=True)
