@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, load_into, load_weights
 from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
 from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
 from .data.base import first_batch
-from .distiller import Distiller, Ref, Term
+from .distiller import Distiller, Ref, Term, fields_by_source
 from .engine import FitSettings
 from .errors import DataError, ModelError
 from .losses import LOSSES
@@ -161,17 +161,11 @@ def probe_shapes(model: nn.Module, paths, batch: Mapping[str, torch.Tensor], *, 
 def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], batch) -> dict[str, dict[str, tuple[int, ...]]]:
     """Per-sample shapes of every field a term reads, by source (ensembles from their first member)."""
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    wanted = {name: set(fields) for name, fields in wanted.items()}
-    changed = True
-    while changed:  # an ensemble's fields are asked of its members too
-        changed = False
-        for name in list(wanted):
-            for member in sources[name].inputs:
-                before = len(wanted.setdefault(member, set()))
-                wanted[member] |= wanted[name]
-                changed |= len(wanted[member]) != before
-    for name, fields in wanted.items():
-        source = sources[name]
+    order, wanted = fields_by_source(sources, wanted)
+    for name in order:
+        source, fields = sources[name], wanted[name]
+        if not fields:
+            continue
         fields = {source.resolve_field(f) for f in fields}
         if isinstance(source, Participant):
             shapes[name] = probe_shapes(source.model, fields, batch, role=name)
@@ -184,12 +178,8 @@ def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], b
                     f"{sorted(stored)} but not {missing}; rebuild it with `transfuse cache-teacher` for this config"
                 )
             shapes[name] = {f: tuple(stored[f].shape) for f in stored}
-    for name in wanted:
-        if name not in shapes:  # an ensemble: its fields have its (first) member's shapes
-            first = name
-            while first not in shapes:
-                first = sources[first].inputs[0]
-            shapes[name] = shapes[first]
+        else:  # an ensemble: its fields have its first member's shapes (computed before it, in this order)
+            shapes[name] = shapes[source.inputs[0]]
     return shapes
 
 

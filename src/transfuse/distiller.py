@@ -144,12 +144,9 @@ class Distiller(nn.Module):
             for ref in (term.input, term.target):
                 if ref is not None:
                     fields[ref.source].add(ref.field)  # as written: each source resolves its own aliases
-        self._order = _topological(by_name)
-        for name in reversed(self._order):  # an ensemble's fields are asked of its members too
-            for member in by_name[name].inputs:
-                fields[member] |= fields[name]
+        order, fields = fields_by_source(by_name, fields)
         # Sources no term reads (a teacher of a labels-only run) are dropped: never run, never set up.
-        self._order = [n for n in self._order if fields[n]]
+        self._order = [n for n in order if fields[n]]
         self._fields = {n: sorted(fields[n]) for n in self._order}
         object.__setattr__(self, "sources", {n: by_name[n] for n in self._order})
         for name in self._order:
@@ -255,6 +252,18 @@ def _is_learnable_source(source: object) -> bool:
     return isinstance(source, nn.Module) and not isinstance(source, Participant) and any(
         p.requires_grad for p in source.parameters()
     )
+
+
+def fields_by_source(sources: Mapping[str, Source], wanted: Mapping[str, set[str]]) -> tuple[list[str], dict[str, set[str]]]:
+    """``(order, fields)``: source names ordered so that each comes after the sources it
+    reads, and the fields each must produce -- ``wanted`` plus, for every ensemble, its
+    own fields asked of its members."""
+    order = _topological(sources)
+    fields = {name: set(wanted.get(name, ())) for name in sources}
+    for name in reversed(order):  # readers before the sources they read
+        for member in sources[name].inputs:
+            fields[member] |= fields[name]
+    return order, fields
 
 
 def _topological(sources: Mapping[str, Source]) -> list[str]:
