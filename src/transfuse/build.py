@@ -191,10 +191,8 @@ def make_terms(
     field, every loss sized by one probe forward pass of the models it compares."""
     resolved = []
     for tc in terms:
-        spec = LOSSES.get(tc.loss)
-        inp = _complete(tc.input, spec.inputs)
-        tgt = _complete(tc.target or "teacher", spec.inputs) if spec.uses_teacher else None
-        resolved.append((tc, spec, inp, tgt))
+        inp, tgt = tc.refs()
+        resolved.append((tc, LOSSES.get(tc.loss), Ref.parse(inp), Ref.parse(tgt) if tgt else None))
 
     wanted: dict[str, set[str]] = {}
     for _, _, inp, tgt in resolved:
@@ -218,11 +216,6 @@ def make_terms(
                  sample_weights=tc.sample_weights)
         )
     return out
-
-
-def _complete(text: str, default_field: str) -> Ref:
-    """``"student"`` -> ``student.<the loss's default field>``; a full reference stays as written."""
-    return Ref(text, default_field) if "." not in text else Ref.parse(text)
 
 
 def _schedule(tc: TermConfig, spec, total_steps: int):

@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .build import _complete, cache_identity, cache_pool, load_splits, make_fabric, make_model
+from .build import cache_identity, cache_pool, load_splits, make_fabric, make_model
 from .cache import CacheWriter, FieldSpec
 from .checkpoint import load_into, load_weights
 from .config import RunConfig
 from .data.base import collate_batch
+from .distiller import Ref
 from .errors import UserError
-from .losses import LOSSES
 from .participants import Participant
 from .run import obtain_teacher_weights
 
@@ -37,10 +37,7 @@ def cached_fields(cfg: RunConfig, name: str) -> list[str]:
     references (``logits``, ``feature``, a module path); ``logits`` always."""
     fields = {"logits"}
     for tc in cfg.resolved_terms():
-        spec = LOSSES.get(tc.loss)
-        refs = [_complete(tc.input, spec.inputs)]
-        if spec.uses_teacher:
-            refs.append(_complete(tc.target or "teacher", spec.inputs))
+        refs = [Ref.parse(r) for r in tc.refs() if r is not None]
         fields |= {r.field for r in refs if r.source == name}
     for source in cfg.resolved_sources().values():  # an ensemble over it reads its logits
         if name in source.members:

@@ -211,6 +211,19 @@ class TermConfig(_Strict):
         LOSSES.check_options(self.loss, self.options, where="options")
         return self
 
+    def refs(self) -> tuple[str, str | None]:
+        """``(input, target)`` as full references: a bare name gets the loss's default field
+        (``student`` -> ``student.logits``), and a loss that reads a target learns from
+        ``teacher`` unless told otherwise; ``target`` is None for a loss without one (``ce``)."""
+        from .losses import LOSSES
+
+        spec = LOSSES.get(self.loss)
+
+        def complete(text: str) -> str:
+            return text if "." in text else f"{text}.{spec.inputs}"
+
+        return complete(self.input), complete(self.target or "teacher") if spec.uses_teacher else None
+
 
 class DistillConfig(_Strict):
     """What the trainable participants learn from.
@@ -355,8 +368,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _wiring(self) -> "RunConfig":
-        from .losses import LOSSES
-
         for name in [*self.participants, *self.sources]:
             if not name.isidentifier():
                 raise ValueError(f"participants/sources: name {name!r} must be an identifier (letters, digits, underscores)")
@@ -378,9 +389,8 @@ class RunConfig(_Strict):
         for i, term in enumerate(self.resolved_terms()):
             where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"
             _check_ref(term.input, where, "input", self.participants, sources, trainable=True)
-            target = term.target
-            if target is None and LOSSES.get(term.loss).uses_teacher:
-                target = "teacher"  # what a term without a target learns from
+            # Checked as the user wrote it (errors quote it); refs() adds the default field.
+            target = (term.target or "teacher") if term.refs()[1] is not None else None
             if target is not None:
                 _check_ref(target, where, "target", self.participants, sources, trainable=False)
         return self
