@@ -24,6 +24,23 @@ BASE = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """Runs that name no cache_dir use the per-user cache: point it into the session's tmp
+    folder so that tests never read or fill the real one."""
+    import os
+
+    from transfuse.paths import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory) -> Path:
     """One teacher cache for the session: the tiny teacher trains once (about a second)."""

@@ -57,7 +57,7 @@ def test_run_writes_the_run_directory(base_config, tmp_path, capsys):
     assert (out / "checkpoints" / "latest").is_file() and (out / "student.safetensors").is_file()
     # A second run into the same folder is refused rather than overwriting it.
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds a finished run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -75,10 +75,12 @@ def test_user_errors_are_one_paragraph(base_config, tmp_path, capsys, override, 
     assert message in err and "Traceback" not in err
 
 
-def test_resume_missing_checkpoint(base_config, tmp_path, capsys):
+def test_resume_without_a_run_starts_from_step_0(base_config, tmp_path, capsys):
+    """--resume is always safe to pass: where nothing was checkpointed yet it starts the run."""
     cfg = _config(tmp_path, base_config)
-    assert main(["run", str(cfg), "--out", str(tmp_path / "none"), "--resume"]) == 2
-    assert "holds no run" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--out", str(tmp_path / "none"), "--resume"]) == 0
+    assert "holds no run yet; starting from step 0" in capsys.readouterr().err
+    assert json.loads((tmp_path / "none" / "summary.json").read_text())["resumed_from"] == 0
 
 
 def _variant(base_config, tmp_path, variant):

@@ -294,3 +294,183 @@ def test_from_datasets_rejects_unusable_samples():
 
     with pytest.raises(TypeError, match="pair or a dict"):
         from_datasets(Bare(), Bare(), num_classes=2, input_shape=(3,))
+
+
+# --- bring your own: dtypes, non-finite values, labels, damaged files ----------------------
+
+
+def _splits(x_train, y_train=None, x_test=None, y_test=None, **kw):
+    """from_tensors with small default targets and test inputs shaped like ``x_train``."""
+    n = len(x_train)
+    y_train = np.arange(n) % 2 if y_train is None else y_train
+    x_test = x_train[:2] if x_test is None else x_test
+    y_test = np.array([0, 1]) if y_test is None else y_test
+    return from_tensors(x_train, y_train, x_test, y_test, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=str)
+def test_from_tensors_makes_every_float_input_float32(dtype):
+    x = np.linspace(-1, 1, 12).reshape(4, 3).astype(dtype)
+    splits = _splits(x)
+    assert splits.train.inputs.dtype == torch.float32 and splits.test.inputs.dtype == torch.float32
+    # float32 inputs meet float32 weights: the first Linear layer runs.
+    assert torch.nn.Linear(3, 2)(splits.train.inputs).shape == (4, 2)
+    torch_half = _splits(torch.from_numpy(x).to(torch.bfloat16))
+    assert torch_half.train.inputs.dtype == torch.float32
+
+
+def test_from_tensors_scales_uint8_images_to_unit_range_unless_told_not_to():
+    x = np.array([[0, 51, 255], [255, 0, 102]], dtype=np.uint8)
+    splits = _splits(x, x_test=x)
+    assert splits.train.inputs.dtype == torch.float32
+    assert torch.allclose(splits.train.inputs, torch.tensor([[0.0, 0.2, 1.0], [1.0, 0.0, 0.4]]))
+    raw = _splits(torch.from_numpy(x), x_test=torch.from_numpy(x), scale_uint8=False)
+    assert raw.train.inputs.dtype == torch.float32 and raw.test.inputs.max().item() == 255.0
+    with pytest.raises(ValueError, match="scale_uint8 must be True or False"):
+        _splits(x, scale_uint8="no")
+
+
+def test_from_tensors_keeps_signed_integer_inputs_and_converts_bool():
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
+        tokens = np.arange(8, dtype=dtype).reshape(4, 2)  # token ids for a language model
+        assert _splits(tokens).train.inputs.dtype == torch.from_numpy(tokens).dtype
+    assert _splits(np.arange(8, dtype=np.uint16).reshape(4, 2)).train.inputs.dtype == torch.int64
+    flags = _splits(np.array([[True, False], [False, True], [True, True]]))
+    assert flags.train.inputs.dtype == torch.float32 and flags.train.inputs.sum().item() == 4.0
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [(np.array([["a", "b"], ["c", "d"]]), "<U1"), (np.ones((2, 2), dtype=np.complex64), "complex64"),
+     (np.array([[1, None], [2, 3]], dtype=object), "object")],
+    ids=["str", "complex", "object"],
+)
+def test_from_tensors_refuses_non_numeric_inputs_naming_the_array(values, dtype):
+    with pytest.raises(ValueError, match=rf"x_train has dtype {dtype}; inputs must be numeric"):
+        _splits(values)
+    with pytest.raises(ValueError, match="x_train.*complex"):
+        _splits(torch.ones(2, 2, dtype=torch.complex64))
+
+
+def test_from_tensors_refuses_nan_and_inf_naming_split_count_and_first_index():
+    x = np.zeros((6, 3), dtype=np.float32)
+    x[2, 1], x[4, 0] = np.nan, np.nan
+    with pytest.raises(ValueError, match=r"x_train holds non-finite values \(NaN or inf\) in 2 sample\(s\), "
+                                         r"the first at index 2; clean or drop them"):
+        _splits(x)
+    test = np.zeros((5, 3))
+    test[3, 2] = np.inf
+    with pytest.raises(ValueError, match=r"x_test holds non-finite .* in 1 sample\(s\), the first at index 3"):
+        _splits(np.zeros((4, 3)), x_test=test, y_test=np.zeros(5, dtype=int))
+    # float64 values beyond float32's range turn into inf when converted: said so.
+    with pytest.raises(ValueError, match="x_train .*index 1.*float32's range"):
+        _splits(np.array([[0.0], [1e300], [0.0]]), x_test=np.zeros((2, 1)))
+
+
+def test_from_tensors_reports_the_offending_label_and_where():
+    x = np.zeros((5, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"y_train: targets must lie in \[0, 3\); found -1 at index 3"):
+        _splits(x, y_train=np.array([0, 1, 2, -1, 1]))
+    with pytest.raises(ValueError, match=r"y_test: targets must lie in \[0, 3\); found 3 at index 1"):
+        _splits(x, y_train=np.array([0, 1, 2, 1, 1]), y_test=np.array([0, 3]), num_classes=3)
+    with pytest.raises(ValueError, match=r"y_train: targets must lie in \[0, 2\); found 2 at index 2"):
+        _splits(x, y_train=np.array([0, 1, 2, 1, 1]), num_classes=2)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        _splits(x, num_classes=2.5)
+
+
+def test_from_tensors_accepts_whole_float_labels_and_refuses_fractions():
+    x = np.zeros((4, 2), dtype=np.float32)
+    splits = _splits(x, y_train=np.array([0.0, 1.0, 2.0, 1.0]), y_test=torch.tensor([2.0, 0.0]))
+    assert splits.train.targets.dtype == torch.int64 and splits.train.targets.tolist() == [0, 1, 2, 1]
+    assert splits.num_classes == 3
+    with pytest.raises(ValueError, match=r"y_train: .*whole numbers.*found 1.5 at index 2"):
+        _splits(x, y_train=np.array([0.0, 1.0, 1.5, 1.0]))
+    with pytest.raises(ValueError, match=r"y_test: .*whole numbers.*found nan at index 0"):
+        _splits(x, y_test=np.array([np.nan, 1.0]))
+    with pytest.raises(ValueError, match="y_train has dtype <U1; targets must be"):
+        _splits(x, y_train=np.array(["a", "b", "a", "b"]))
+
+
+def test_from_tensors_names_the_split_when_lengths_differ():
+    with pytest.raises(ValueError, match="x_train has 4 samples but y_train has 3"):
+        _splits(np.zeros((4, 2)), y_train=np.array([0, 1, 1]))
+
+
+def test_npz_scale_uint8_option(tmp_path):
+    path = tmp_path / "images.npz"
+    images = np.full((4, 1, 2, 2), 255, dtype=np.uint8)
+    np.savez(path, x_train=images, y_train=np.arange(4) % 2, x_test=images[:2], y_test=np.array([0, 1]))
+    assert load_dataset("npz", path=str(path)).train.inputs.max().item() == 1.0
+    raw = load_dataset("npz", path=str(path), scale_uint8=False)
+    assert raw.train.inputs.dtype == torch.float32 and raw.train.inputs.max().item() == 255.0
+
+
+def test_npz_float16_inputs_become_float32(tmp_path):
+    path = tmp_path / "half.npz"
+    x = np.ones((4, 3), dtype=np.float16)
+    np.savez(path, x_train=x, y_train=np.arange(4) % 2, x_test=x[:2], y_test=np.array([0, 1]))
+    assert load_dataset("npz", path=str(path)).train.inputs.dtype == torch.float32
+
+
+def test_npz_big_endian_arrays_load(tmp_path):
+    path = tmp_path / "be.npz"
+    x = np.arange(6, dtype=">f4").reshape(3, 2)
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 0], dtype=">i8"), x_test=x, y_test=np.array([1, 0, 1]))
+    splits = load_dataset("npz", path=str(path))
+    assert splits.train.inputs[2].tolist() == [4.0, 5.0] and splits.train.targets.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("content", [b"hello, not an archive", b"\x80\x04\x95pickled", b""], ids=["text", "pickle", "empty"])
+def test_npz_garbage_file_is_not_an_archive_and_pickle_is_never_advised(tmp_path, content):
+    path = tmp_path / "garbage.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"garbage.npz: not an .npz archive \(numpy.savez output\)") as info:
+        load_dataset("npz", path=str(path))
+    assert "allow_pickle" not in str(info.value)
+
+
+def test_npz_damaged_zip_and_plain_npy_are_named(tmp_path):
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    with pytest.raises(ValueError, match="damaged.npz: a damaged zip archive"):
+        load_dataset("npz", path=str(damaged))
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as fh:
+        np.save(fh, np.zeros(3))
+    with pytest.raises(ValueError, match=r"single.npz: an .npy file \(one array"):
+        load_dataset("npz", path=str(single))
+
+
+def test_npz_object_array_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, x_train=np.array([[1, None]] * 2, dtype=object), y_train=np.array([0, 1]),
+             x_test=np.zeros((2, 2)), y_test=np.array([0, 1]))
+    with pytest.raises(ValueError, match="objects.npz: array 'x_train' holds Python objects.*would run pickle") as info:
+        load_dataset("npz", path=str(path))
+    assert "allow_pickle=" not in str(info.value)
+
+
+class FloatTargets(Dataset):
+    """A user's dataset whose targets are floats, whole or not."""
+
+    def __init__(self, targets) -> None:
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.zeros(2), self.targets[i]
+
+
+def test_from_datasets_refuses_fractional_targets_and_checks_the_first_target():
+    splits = from_datasets(FloatTargets([1.0, 0.0]), FloatTargets([0.0]), num_classes=2, input_shape=(2,))
+    assert splits.train[0]["target"].dtype == torch.long and int(splits.train[0]["target"]) == 1
+    wrapped = from_datasets(FloatTargets([1.0, 0.5]), FloatTargets([0.0]), num_classes=2, input_shape=(2,)).train
+    with pytest.raises(ValueError, match=r"custom train: sample 1 has target 0.5; float targets must be whole"):
+        wrapped[1]  # read lazily: only the first sample is checked up front
+    with pytest.raises(ValueError, match=r"the test dataset's sample 0 has target 5; targets must lie in \[0, 2\)"):
+        from_datasets(FloatTargets([1.0]), FloatTargets([5]), num_classes=2, input_shape=(2,))
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        from_datasets(FloatTargets([1.0]), FloatTargets([0]), num_classes=0, input_shape=(2,))

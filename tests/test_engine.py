@@ -248,3 +248,172 @@ def test_resume_with_a_random_batch_transform_is_bit_identical(tmp_path):
     for p, q, r in zip(full.parameters(), resumed.parameters(), plain.parameters()):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, r) for p, r in zip(full.parameters(), plain.parameters())), "the noise must change training"
+
+
+def _keep_only(run_dir, names):
+    """Delete every checkpoint entry of ``run_dir`` except ``names`` (``latest`` too, unless named)."""
+    for ck in (run_dir / "checkpoints").iterdir():
+        if ck.name not in names:
+            shutil.rmtree(ck) if ck.is_dir() else ck.unlink()
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path):
+    import warnings
+
+    from transfuse.checkpoint import CheckpointFallbackWarning
+
+    full = _train(tmp_path / "full", steps=30, dropout=0.3)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    ckpts = part / "checkpoints"
+    # The run was at step 20 when the disk lost the end of its newest state.pt; a killed
+    # process also left a temp folder and a half-pruned checkpoint behind.
+    _keep_only(part, {"step-00000010", "step-00000020"})
+    (ckpts / "latest").write_text("step-00000020\n")
+    state = ckpts / "step-00000020" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (ckpts / ".tmp-step-00000030-999999").mkdir()
+    (ckpts / "step-00000005").mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _train(part, steps=30, dropout=0.3, resume=True, student_teacher=_models(0.3))
+    fallbacks = [w for w in caught if issubclass(w.category, CheckpointFallbackWarning)]
+    assert len(fallbacks) == 1
+    assert "step-00000020" in str(fallbacks[0].message) and "truncated" in str(fallbacks[0].message)
+    assert "step-00000010" in str(fallbacks[0].message)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    steps = [r["step"] for r in read_metrics(part / "metrics.jsonl") if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30], "resumed log must not repeat steps"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000010", "step-00000020", "step-00000030"]
+    load_checkpoint(ckpts / "step-00000020")  # rewritten whole
+
+
+def test_resume_stops_when_no_checkpoint_loads(tmp_path):
+    from transfuse.checkpoint import CheckpointError
+
+    _train(tmp_path, steps=20)
+    for step in ("00000010", "00000020"):
+        (tmp_path / "checkpoints" / f"step-{step}" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"step-00000020: .*empty.*; step-00000010: .*empty"):
+        _train(tmp_path, steps=20, resume=True)
+
+
+def test_fit_removes_leftovers_at_start(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".tmp-step-00000010-999999").mkdir()
+    (ckpts / "step-00000010").mkdir()
+    _train(tmp_path, steps=4, checkpoint_every=100)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000004"]
+
+
+class _Clock:
+    """A clock the test advances by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal():
+    import io
+
+    from transfuse.progress import Progress
+
+    clock, out = _Clock(), io.StringIO()
+    progress = Progress(total=100, description="train teacher (mlp)", stream=out, interval_s=10.0, clock=clock)
+    for done in range(1, 26):
+        clock.now += 0.5  # 2 steps/s: a line every 20 steps
+        progress.update(done, loss=0.25 if done <= 20 else 0.5)
+    progress.close()
+    progress.close()  # a second close adds nothing
+    assert out.getvalue().splitlines() == [
+        "train teacher (mlp): step 20/100 (20%) loss 0.2500 2.0 steps/s",
+        "train teacher (mlp): step 25/100 (25%) loss 0.5000 2.0 steps/s",
+    ]
+
+
+def test_progress_keeps_the_bar_on_a_terminal_and_is_silent_when_off():
+    import io
+
+    from transfuse.progress import Progress
+
+    out = io.StringIO()
+    with Progress(total=10, description="distil", stream=out, tty=True, clock=_Clock()) as bar:
+        for done in range(1, 11):
+            bar.update(done, loss=1.0)
+    assert "\r" in out.getvalue() and "distil" in out.getvalue() and "10/10" in out.getvalue()
+    assert "step 10/10" not in out.getvalue()
+    quiet = io.StringIO()
+    with Progress(total=10, enabled=False, stream=quiet, tty=False) as off:
+        off.update(10, loss=1.0)
+    assert quiet.getvalue() == ""
+
+
+def test_fit_reports_progress_on_stderr_when_not_on_a_terminal(tmp_path, capsys):
+    import io
+
+    student, teacher = _models()
+    d = _distiller(student, teacher)
+    settings = FitSettings(steps=6, batch_size=32, checkpoint_every=6, description="distil kd", progress_every_s=0.0)
+    fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), _data(), settings, run_dir=tmp_path / "a")
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("distil kd: ")]
+    assert len(lines) == 6 and lines[-1].startswith("distil kd: step 6/6 (100%) loss "), captured.err
+    assert "step" not in captured.out, "stdout carries the CLI's JSON result only"
+    quiet = io.StringIO()
+    settings = FitSettings(steps=3, batch_size=32, checkpoint_every=3, progress=False, progress_every_s=0.0)
+    fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), _data(), settings, run_dir=tmp_path / "b",
+        progress_stream=quiet)
+    assert quiet.getvalue() == ""
+
+
+def test_nan_in_the_data_is_named_instead_of_the_learning_rate(tmp_path):
+    data = _data()
+    first = StepBatchSampler(len(data), batch_size=32, seed=0, end_step=1).epoch_order(0)[:32]
+    bad_row = int(first[3])
+    data.inputs[bad_row, 2] = float("nan")
+    data = type(data)(data.inputs, data.targets, ids=torch.arange(len(data)) + 1000)
+    student, _ = _models()
+    d = Distiller([Participant("student", student)], [Term("ce", LOSSES.get("ce").build(), target=None)])
+    settings = FitSettings(steps=3, batch_size=32, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 in term\(s\) ce=nan") as err:
+        fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), data, settings, run_dir=tmp_path)
+    message = str(err.value)
+    assert f"`input` in 1 sample(s) (sample ids [{bad_row + 1000}])" in message, message
+    assert "optim.lr" not in message
+
+
+def test_nan_from_a_batch_transform_is_blamed_on_the_transform(tmp_path):
+    def poison(batch, *, step, distiller):
+        x = batch["input"].clone()
+        x[0, 0] = float("inf")
+        return {**batch, "input": x}
+
+    student, _ = _models()
+    d = Distiller([Participant("student", student)], [Term("ce", LOSSES.get("ce").build(), target=None)])
+    settings = FitSettings(steps=3, batch_size=32, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"batch transforms produced non-finite values: `input` in 1 sample"):
+        fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), _data(), settings, run_dir=tmp_path,
+            transforms=[poison])
+
+
+def test_a_non_finite_weight_is_named_when_every_term_is_finite(tmp_path):
+    student, teacher = _models()
+    d = Distiller([Participant("student", student), Participant("teacher", teacher, trainable=False)],
+                  [Term("ce", LOSSES.get("ce").build(), 0.5, target=None), Term("kd", LOSSES.get("kd").build(), float("inf"))])
+    settings = FitSettings(steps=3, batch_size=32, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"in the weighted sum of terms.*the weight of kd=inf") as err:
+        fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), _data(), settings, run_dir=tmp_path)
+    assert "optim.lr" not in str(err.value) and "distill.weight" in str(err.value)
+
+
+def test_a_diverging_loss_still_gets_the_learning_rate_advice(tmp_path):
+    student, _ = _models()
+    d = Distiller([Participant("student", student)], [Term("bad", _NanAfter(after=2), target=None)])
+    settings = FitSettings(steps=5, batch_size=32, checkpoint_every=2, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"batch is finite.*lower optim.lr or set train.grad_clip.*step-00000002"):
+        fit(_fabric(), d, make_optimizer(d.parameters(), name="adam", lr=0.01), _data(), settings, run_dir=tmp_path)

@@ -660,6 +660,35 @@ def test_relation_mask_leaving_fewer_than_two_gives_zero(fn):
         s.grad = None
 
 
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("dkd", lambda s, tt, y: TF.dkd(s, tt, y)),
+        ("dkd", lambda s, tt, y: sum(TF.dkd_parts(s, tt, y))),
+        ("cross_entropy", lambda s, tt, y: TF.cross_entropy(s, y)),
+    ],
+    ids=["dkd", "dkd_parts", "ce"],
+)
+def test_losses_taking_a_target_refuse_non_integer_targets(name, call):
+    s, tt = torch.randn(3, 4), torch.randn(3, 4)
+    # Cast to int64, 0.5 and 1.2 would silently become classes 0 and 1.
+    for target in (torch.tensor([0.5, 1.2, 2.0]), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
+                   torch.tensor([True, False, True]), torch.tensor([0, 1, 2], dtype=torch.complex64)):
+        with pytest.raises(ValueError, match=rf"{name}: target must hold integer class ids; got dtype {target.dtype}"):
+            call(s, tt, target)
+    for dtype in (torch.int64, torch.int32, torch.uint8):  # any integer dtype is fine
+        assert torch.isfinite(call(s, tt, torch.tensor([0, 1, 2], dtype=dtype)))
+
+
+def test_kd_refuses_a_non_finite_or_non_positive_temperature():
+    s, tt = torch.randn(2, 3), torch.randn(2, 3)
+    for temperature in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="kd: temperature must be finite and > 0"):
+            TF.kd(s, tt, temperature=temperature)
+    with pytest.raises(ValueError, match="dkd: temperature must be finite"):
+        TF.dkd(s, tt, torch.tensor([0, 1]), temperature=float("inf"))
+
+
 def test_masked_out_positions_may_carry_placeholder_targets():
     torch.manual_seed(5)
     s, tt = torch.randn(4, 5), torch.randn(4, 5)

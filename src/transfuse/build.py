@@ -23,12 +23,13 @@ from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, s
 from .data.base import first_batch
 from .distiller import Distiller, Ref, Term, fields_by_source
 from .engine import FitSettings
-from .errors import DataError, ModelError
+from .errors import DataError, FabricError, ModelError
 from .losses import LOSSES
 from .models import build_model
 from .models.outputs import call_model
 from .optim import make_optimizer
 from .participants import LOGITS, Participant
+from .paths import teacher_cache_dir
 from .schedules import SCHEDULES, Constant
 from .sources import CachedOutputs, Ensemble, LearnedEnsemble
 from .taps import FeatureTaps
@@ -38,9 +39,19 @@ def make_fabric(cfg: FabricConfig):
     """A launched Lightning Fabric for the configured devices, strategy and precision."""
     from lightning_fabric import Fabric
 
-    fabric = Fabric(
-        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision, num_nodes=cfg.num_nodes
-    )
+    if cfg.threads:
+        # Set before Fabric starts any process work; DDP's spawned processes build their own
+        # Fabric through this function and so get the same count.
+        torch.set_num_threads(cfg.threads)
+    try:
+        fabric = Fabric(
+            accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+            num_nodes=cfg.num_nodes,
+        )
+    except (RuntimeError, ValueError, TypeError) as err:
+        # Lightning's messages are good ("CUDAAccelerator can not run on your system ..."):
+        # keep them, but as a one-paragraph error that names the config section.
+        raise FabricError(f"fabric: {err}") from None
     fabric.launch()
     return fabric
 
@@ -67,6 +78,24 @@ def load_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dataset]:
         return splits, labelled
     unlabelled = complement(train, labelled) if cfg.transfer == "rest" else external_transfer(cfg, splits)
     return splits, TransferSet(labelled, unlabelled)
+
+
+def check_batches(cfg: RunConfig, splits: DataSplits, train_set, *, world_size: int) -> None:
+    """Every batch size fits its data and divides across the processes: checked before any
+    teacher trains (the engine would only find out when its loop starts)."""
+    jobs = [("train", cfg.train.batch_size, cfg.train.accumulate, len(train_set), "the training set")]
+    for name, p in cfg.participants.items():
+        if not p.trainable and not p.weights and not p.cache:  # trained first, from labels, on the whole split
+            jobs.append((f"participants.{name}.train", p.train.batch_size, 1, len(splits.train), "the training split"))
+    for section, batch, accumulate, available, what in jobs:
+        if batch * accumulate > available:
+            needs = f"{section}.batch_size * train.accumulate = {batch * accumulate}" if accumulate > 1 else \
+                f"{section}.batch_size = {batch}"
+            raise DataError(f"{needs}, but {what} of {cfg.data.name!r} has only {available} samples; "
+                            f"lower {section}.batch_size")
+        if batch % world_size:
+            raise DataError(f"{section}.batch_size = {batch} must be divisible by the {world_size} processes "
+                            f"(fabric.devices * fabric.num_nodes), so every process gets an equal share")
 
 
 def external_transfer(cfg: DataConfig, splits: DataSplits):
@@ -292,7 +321,7 @@ def teacher_weights_path(cfg: RunConfig, name: str):
     p = cfg.participants[name]
     if p.weights:
         return Path(p.weights)
-    return Path(p.cache_dir) / f"{p.name}-{teacher_cache_key(cfg, name)}.safetensors"
+    return teacher_cache_dir(p.cache_dir) / f"{p.name}-{teacher_cache_key(cfg, name)}.safetensors"
 
 
 def cache_identity(cfg: RunConfig, name: str, splits: DataSplits) -> dict[str, str]:

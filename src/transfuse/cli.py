@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-paragraph errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    def common(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+        # SUPPRESS: a subcommand's own --debug must not reset one given before it.
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show full tracebacks instead of one-paragraph errors")
+        if threads:
+            parser.add_argument("--threads", type=_non_negative_int, metavar="N",
+                                help="CPU threads per process (sets fabric.threads; default 1; 0: one per core)")
+
     r = sub.add_parser("run", help="train a student from a YAML config", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("config", help="path to a YAML run config")
@@ -36,13 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<name>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    common(r)
 
     d = sub.add_parser("demo", help="the embedded demo: scratch vs KD vs DKD on digits (under 3 minutes on 2 cores)")
     d.add_argument("--out", default="runs/demo", help="demo folder (replaced on each run; default: runs/demo)")
-    d.add_argument("--cache-dir", help="where the trained teacher is cached (default: .cache/transfuse/teachers)")
+    d.add_argument("--cache-dir", help="where the trained teacher is cached (default: the per-user cache, "
+                   "$TRANSFUSE_CACHE_DIR/teachers or ~/.cache/transfuse/teachers)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo config")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    common(d)
 
     c = sub.add_parser("cache-teacher", help="run a frozen participant once over the training data and store its outputs",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,10 +66,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, help="teacher batch size (default: train.eval_batch_size)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    common(c)
 
     m = sub.add_parser("methods", help="list the registered distillation methods")
     m.add_argument("--json", action="store_true", help="machine-readable output")
+    common(m, threads=False)
     return p
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, with --threads as the last one (so it wins)."""
+    extra = [f"fabric.threads={args.threads}"] if getattr(args, "threads", None) is not None else []
+    return [*args.overrides, *extra]
 
 
 def methods_table() -> list[dict[str, object]]:
@@ -118,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .config import load_config
         from .run import run
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, _overrides(args))
         summary = run(cfg, out_dir=args.out, resume=args.resume, quiet=args.quiet)
         if summary:
             keys = ("name", "student", "teacher", "agreement", "participants", "steps", "wall_time_s")
@@ -128,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cache_teacher import cache_teacher
         from .config import load_config
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, _overrides(args))
         report = cache_teacher(cfg, args.out, participant=args.participant, dtype=args.dtype, batch_size=args.batch_size,
                                overwrite=args.overwrite, quiet=args.quiet)
         print(json.dumps(report, indent=2))
@@ -136,7 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import format_table, run_demo
 
-        summaries = run_demo(out_dir=args.out, cache_dir=args.cache_dir, overrides=args.overrides, quiet=args.quiet)
+        summaries = run_demo(out_dir=args.out, cache_dir=args.cache_dir, overrides=_overrides(args), quiet=args.quiet)
         print(format_table(summaries))
         print(f"\nrun folders and results.md are in {args.out}/")
         return 0

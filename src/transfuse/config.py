@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import UserError
 
@@ -28,6 +28,30 @@ class ConfigError(UserError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads YAML's `true` as 1 for an int field, so
+        # `--set train.steps=true` would silently train one step.
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("expected a number, not a boolean")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types inside an annotation (``int | str`` -> ``{int, str}``)."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    if getattr(annotation, "__metadata__", None) is not None:  # Annotated[int, ...]
+        return _leaf_types(args[0])
+    out: set[Any] = set()
+    for arg in args:
+        out |= _leaf_types(arg)
+    return out
 
 
 class OptimConfig(_Strict):
@@ -83,7 +107,8 @@ class ParticipantConfig(ModelConfig):
     trainable: bool = True
     optim: OptimConfig | None = None
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
-    cache_dir: str = ".cache/transfuse/teachers"
+    cache_dir: str | None = Field(
+        None, description="folder of trained teachers (default: the per-user cache, see transfuse.paths.teacher_cache_dir)")
     cache: str | None = None
 
     @model_validator(mode="after")
@@ -321,6 +346,11 @@ class FabricConfig(_Strict):
     strategy: str = "auto"
     precision: str = "32-true"
     num_nodes: int = Field(1, ge=1)
+    threads: int = Field(
+        1, ge=0,
+        description="CPU threads per process for PyTorch's own ops (0: PyTorch's default, one per core). One thread "
+        "is fastest for small models and never oversubscribes a shared machine; raise it for large convolutions.",
+    )
 
 
 class RunConfig(_Strict):
@@ -343,6 +373,18 @@ class RunConfig(_Strict):
     fabric: FabricConfig = Field(default_factory=FabricConfig)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     transforms: list[TransformConfig] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        # The default run folder is runs/<name>: a name with a separator or `..` would
+        # write a whole run somewhere else.
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+            raise ValueError(
+                f"{name!r} is not a valid run name: it names the folder runs/<name>, so it must be one path "
+                "component (no '/', '\\', '..' or surrounding spaces); use --out to choose another place"
+            )
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -453,7 +495,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".")]
     if not all(path):
         raise ConfigError(f"--set {text!r}: empty part in key {key!r}")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return path, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(
+            f"--set {text!r}: the value is not plain YAML ({problem}); a text value with YAML syntax in it "
+            "needs quotes inside the shell's, e.g. --set 'name=\"[a\"' (tags such as !!python/... are refused)"
+        ) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,7 +12,12 @@ optimizer steps, handing the inner step to a :class:`~transfuse.recipes.Recipe`:
 * ``accumulate`` micro-batches make one optimizer step, each scaled by ``1/accumulate``,
   so the gradient equals the one of a single batch of ``batch_size * accumulate``;
 * a non-finite loss stops training before the bad update, keeping the last good
-  checkpoint, and says at which step and in which term it happened;
+  checkpoint, and says at which step, in which term and -- when the batch itself holds
+  NaN/inf values -- in which samples it happened;
+* ``resume=True`` continues from the newest checkpoint that loads, warning about newer
+  damaged ones it skips; leftovers of killed processes are removed at start;
+* progress goes to stderr: a bar on a terminal, a plain line every
+  ``progress_every_s`` seconds elsewhere (CI logs, ``| tee``);
 * the host synchronises once per optimizer step (the loss, for that check); the loss
   parts stay on the device and are read only every ``log_every`` steps.
 """
@@ -23,18 +28,20 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TextIO
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_into, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CheckpointError, load_into, load_latest_checkpoint, remove_leftovers, rng_state, save_checkpoint, set_rng_state,
+)
 from .data.base import collate_batch
 from .distiller import Distiller
 from .errors import UserError
 from .metrics_log import MetricsLog
 from .optim import lr_at
+from .progress import Progress
 from .recipes import BatchTransform, DefaultRecipe, Recipe, StepContext
 
 CHECKPOINTS = "checkpoints"
@@ -52,7 +59,9 @@ class NonFiniteLossError(UserError, FloatingPointError):
 @dataclass(frozen=True)
 class FitSettings:
     """Typed knobs of :func:`fit`. Each optimizer's learning rate follows ``lr_schedule``
-    (with ``warmup_steps``) from the rate it was created with."""
+    (with ``warmup_steps``) from the rate it was created with. ``progress``: report on
+    stderr (``description`` names the phase); where stderr is not a terminal, as a line
+    every ``progress_every_s`` seconds."""
 
     steps: int
     batch_size: int
@@ -67,6 +76,7 @@ class FitSettings:
     eval_every: int = 0
     progress: bool = True
     description: str = "train"
+    progress_every_s: float = 10.0
 
 
 @dataclass
@@ -139,6 +149,7 @@ def fit(
     evaluate: Callable[[], dict[str, float]] | None = None,
     recipe: Recipe | None = None,
     transforms: Sequence[BatchTransform] = (),
+    progress_stream: TextIO | None = None,
 ) -> FitResult:
     """Train ``distiller`` for ``settings.steps`` optimizer steps; see the module docstring.
 
@@ -147,8 +158,10 @@ def fit(
     ``transforms`` run on each micro-batch between device transfer and the forward pass.
     ``evaluate`` (optional) is called every ``settings.eval_every`` steps on rank 0 and its
     numbers are logged. Checkpoints go to ``run_dir/checkpoints``, metrics to
-    ``run_dir/metrics.jsonl``. ``resume=True`` continues from the newest checkpoint there,
-    or starts from step 0 if the run never wrote one.
+    ``run_dir/metrics.jsonl``. ``resume=True`` continues from the newest checkpoint there
+    that loads (a damaged newer one is skipped with a
+    :class:`~transfuse.checkpoint.CheckpointFallbackWarning`), or starts from step 0 if
+    the run never wrote one. ``progress_stream`` replaces stderr for the progress report.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
@@ -159,16 +172,28 @@ def fit(
     # The learning rate of step s is a function of s and the rate each group was created
     # with; read those before a checkpoint's optimizer state overwrites them.
     base_lrs = {n: [g["lr"] for g in optimizers[n].param_groups] for n in names}
+    is_main = fabric.global_rank == 0
     start_step = 0
     train_state = None
-    found = latest_checkpoint(ckpt_dir) if resume else None
-    if found is not None:
-        model_state, train_state = load_checkpoint(found)
-        load_into(distiller, model_state, source=f"checkpoint {found}")
-        start_step = int(train_state["step"])
+    found = None
+    # Every process loads the checkpoint; one warning about skipped ones is enough.
+    loaded = load_latest_checkpoint(ckpt_dir, warn=is_main) if resume else None
+    if loaded is not None:
+        found, train_state = loaded.path, loaded.train_state
+        load_into(distiller, loaded.model_state, source=f"checkpoint {found}")
+        start_step = train_state["step"]
+        missing = [k for k in ("optimizers", "rng") if k not in train_state]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint state {str(found / 'state.pt')!r} lacks {missing}, so it was not written by transfuse's "
+                f"training loop; move {str(found)!r} out of {str(ckpt_dir)!r} to resume from an older checkpoint"
+            )
     else:
         # Seeds every RNG a step may use (dropout, CRD's negative sampling) the same way on each run.
         torch.manual_seed(settings.seed)
+    if is_main:
+        # After loading, so that a damaged checkpoint is reported before anything is removed.
+        remove_leftovers(ckpt_dir)
 
     model, *wrapped = fabric.setup(distiller, *(optimizers[n] for n in names))
     opts = dict(zip(names, wrapped))
@@ -189,7 +214,6 @@ def fit(
     # A private generator: a DataLoader iterator otherwise draws its base seed from the
     # global RNG, which would shift the RNG stream of a resumed run by one draw.
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch, generator=torch.Generator())
-    is_main = fabric.global_rank == 0
     log = MetricsLog(run_dir / "metrics.jsonl", tensorboard_dir=run_dir / "tensorboard") if is_main else None
     if log is not None:
         log.truncate_after(start_step)
@@ -206,21 +230,23 @@ def fit(
 
     batches = iter(loader)
 
-    def micro_batches(step: int) -> Iterator[dict]:
+    def micro_batches(step: int, seen: list[tuple[dict, dict]]) -> Iterator[dict]:
         for _ in range(settings.accumulate):
-            batch = fabric.to_device(next(batches))
+            raw = next(batches)
+            batch = fabric.to_device(raw)
             for transform in transforms:
                 batch = transform(batch, step=step, distiller=distiller)
+            # Kept (until the step ends) for the non-finite check, which inspects them only
+            # when the loss is bad; holding them costs the step's inputs, not activations.
+            seen.append((raw, batch))
             yield batch
 
     model.train()
     sums: dict[str, torch.Tensor | float] = {}
     count = 0
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=settings.steps, initial=start_step, desc=settings.description, dynamic_ncols=True,
-        disable=None if (settings.progress and is_main) else True, mininterval=0.5,
-    )
+    progress = Progress(total=settings.steps, initial=start_step, description=settings.description,
+                        enabled=settings.progress and is_main, stream=progress_stream, interval_s=settings.progress_every_s)
     try:
         for step in range(start_step, settings.steps):
             for n in names:
@@ -228,13 +254,15 @@ def fit(
                     group["lr"] = lr_at(step, base_lr=base, total_steps=settings.steps, schedule=settings.lr_schedule,
                                         warmup_steps=settings.warmup_steps)
             checked: list[float] = []
+            seen: list[tuple[dict, dict]] = []
 
-            def guard(result, step=step) -> float:
-                checked.append(_checked_loss(fabric, result, step, last_ckpt))  # a host sync: once per update
+            def guard(result, step=step, seen=seen) -> float:
+                # A host sync: once per update.
+                checked.append(_checked_loss(fabric, result, step, last_ckpt, batches=seen, distiller=distiller))
                 return checked[-1]
 
             ctx = StepContext(fabric=fabric, model=model, distiller=distiller, optimizers=opts,
-                              micro_batches=micro_batches(step), step=step, accumulate=settings.accumulate,
+                              micro_batches=micro_batches(step, seen), step=step, accumulate=settings.accumulate,
                               guard=guard, grad_clip=settings.grad_clip)
             result = recipe.step(ctx)
             if not checked:
@@ -245,11 +273,10 @@ def fit(
                 sums[key] = value if key not in sums else sums[key] + value
             count += 1
             done = step + 1
-            bar.update(1)
+            progress.update(done, sum(checked))
             if done % settings.log_every == 0 or done == settings.steps:
                 row = {"step": done, **{k: float(v) / count for k, v in sums.items()}, "lr": opts[names[0]].param_groups[0]["lr"],
                        "time_s": round(time.perf_counter() - t0, 3)}
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if log is not None:
                     log.log(row)
                 sums, count = {}, 0
@@ -262,14 +289,22 @@ def fit(
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 checkpoint(done)
     finally:
-        bar.close()
+        progress.close()
         if log is not None:
             log.close()
     return FitResult(steps=settings.steps, wall_time_s=time.perf_counter() - t0, resumed_from=start_step, last_checkpoint=last_ckpt)
 
 
-def _checked_loss(fabric, result, step: int, last_ckpt: Path | None) -> float:
-    """The step's loss as a float; stops training (before any update) if it is not finite on any rank."""
+def _checked_loss(
+    fabric, result, step: int, last_ckpt: Path | None, *, batches: Sequence[tuple[Mapping, Mapping]] = (),
+    distiller: Distiller | None = None,
+) -> float:
+    """The step's loss as a float; stops training (before any update) if it is not finite on any rank.
+
+    ``batches``: the step's micro-batches as ``(as loaded, as fed to the model)`` pairs and
+    ``distiller`` (for the terms' weights) are read only on the bad path, to name the
+    likeliest cause: NaN/inf in the data, a non-finite term weight, or training diverging.
+    """
     loss_value = float(result.loss)
     bad = not math.isfinite(loss_value)
     if fabric.world_size > 1:
@@ -278,16 +313,91 @@ def _checked_loss(fabric, result, step: int, last_ckpt: Path | None) -> float:
     if not bad:
         return loss_value
     culprits = [f"{name}={float(v):.4g}" for name, v in result.parts.items() if not torch.isfinite(v).all()]
-    where = f"in term(s) {', '.join(culprits)}" if culprits else "in the weighted sum of terms"
+    if math.isfinite(loss_value):  # only under DDP: the bad loss is another process's
+        where = "on another process"
+        cause = "This process's loss is finite; the other process's message names the cause."
+    else:
+        where = f"in term(s) {', '.join(culprits)}" if culprits else "in the weighted sum of terms"
+        cause = _non_finite_cause(result, step, batches, distiller, culprits=bool(culprits))
     keep = (
-        f"The last good checkpoint is {last_ckpt}; `--resume` continues from it (lower optim.lr or set "
-        "train.grad_clip first)."
+        f"The last good checkpoint is {last_ckpt}; `--resume` continues from it once the cause is fixed."
         if last_ckpt is not None
         else "No checkpoint was written before this step."
     )
     raise NonFiniteLossError(
         f"the loss became non-finite ({loss_value:.4g}) at step {step + 1} {where}, on process "
-        f"{fabric.global_rank}. Training stopped before applying that update. {keep}",
+        f"{fabric.global_rank}. {cause} Training stopped before applying that update. {keep}",
         step=step + 1,
         last_checkpoint=last_ckpt,
     )
+
+
+def _non_finite_cause(result, step: int, batches, distiller: Distiller | None, *, culprits: bool) -> str:
+    """The likeliest reason for a non-finite loss, as advice; evidence in the data first,
+    since no learning-rate change can fix a NaN in the inputs."""
+    in_fed = _non_finite_entries([fed for _, fed in batches])
+    if in_fed:
+        in_raw = _non_finite_entries([raw for raw, _ in batches])
+        if in_raw:
+            return (f"The step's batch holds non-finite values: {in_raw}. Fix or filter those samples in the data; "
+                    "a lower learning rate will not help.")
+        return (f"The batch transforms produced non-finite values: {in_fed} (the data itself is finite). "
+                "Check the transforms' options.")
+    if not culprits:
+        weights = _term_weights(distiller, step, result.parts)
+        odd = {n: w for n, w in weights.items() if not math.isfinite(w)}
+        check = "check distill.weight, distill.ce_weight and each term's weight and schedule"
+        if odd:
+            shown = ", ".join(f"{n}={w:.4g}" for n, w in odd.items())
+            return f"Every term is finite but the weight of {shown} at this step is not; {check}."
+        if not weights:
+            return f"Every term is finite, so a term's weight may be non-finite; {check}."
+        shown = ", ".join(f"{n}={w:.4g}" for n, w in weights.items())
+        return (f"Every term and weight ({shown}) is finite, so their weighted sum overflowed: the loss grew too "
+                "large, usually because training diverged; lower optim.lr or set train.grad_clip, or train in "
+                "higher precision.")
+    return ("The batch is finite, so training most likely diverged: lower optim.lr or set train.grad_clip "
+            "(a loss that cannot handle some input, e.g. an empty mask, is another possibility).")
+
+
+def _term_weights(distiller: Distiller | None, step: int, parts: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each reported term's effective weight at ``step`` (weight times schedule), as the Distiller computes it."""
+    if distiller is None:
+        return {}
+    weights = {}
+    for term in distiller.terms:
+        if term.name in parts:
+            try:
+                weights[term.name] = float(term.weight * term.schedule.factor(step))
+            except Exception:  # a diagnosis must not hide the error it diagnoses
+                weights[term.name] = float("nan")
+    return weights
+
+
+def _non_finite_entries(batches: Sequence[Mapping]) -> str:
+    """``"`input` in 3 sample(s) (sample ids [4, 9, 17])"`` for every floating-point batch
+    entry holding NaN/inf, or ``""`` when all are finite. Samples are named by their
+    ``sample_id``, else their ``index``, else their row in the micro-batch."""
+    found: dict[str, tuple[str, list[int]]] = {}
+    for batch in batches:
+        if not isinstance(batch, Mapping):
+            continue
+        label, ids = "micro-batch rows", None
+        for key, name in (("index", "dataset indices"), ("sample_id", "sample ids")):  # the last found wins
+            if isinstance(batch.get(key), torch.Tensor) and batch[key].dim() == 1:
+                label, ids = name, batch[key]
+        for key, value in batch.items():
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0):
+                continue
+            bad = ~torch.isfinite(value.detach()).reshape(value.shape[0], -1).all(dim=1)
+            if not bad.any():
+                continue
+            rows = bad.nonzero().flatten()
+            use_ids = ids is not None and len(ids) == len(bad)
+            named = ids[rows.to(ids.device)].tolist() if use_ids else rows.tolist()
+            found.setdefault(key, (label if use_ids else "micro-batch rows", []))[1].extend(named)
+    described = []
+    for key, (label, rows) in found.items():
+        shown = ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
+        described.append(f"`{key}` in {len(rows)} sample(s) ({label} [{shown}])")
+    return "; ".join(described)

@@ -19,3 +19,7 @@ class DataError(UserError, ValueError):
 
 class ModelError(UserError, ValueError):
     """A model that cannot be built or loaded as configured (the message names the participant)."""
+
+
+class FabricError(UserError, RuntimeError):
+    """Devices, strategy or precision that Lightning Fabric cannot set up on this machine."""

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
+
 
 class MetricsLog:
     """Appends rows ``{"step": int, ...}`` to a JSONL file, flushed each row so a killed run
@@ -39,7 +41,8 @@ class MetricsLog:
         self._file.close()
         rows = read_metrics(self.path)
         kept = [r for r in rows if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Atomically: a run killed while rewriting its log in place would lose all of it.
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
 
     def close(self) -> None:

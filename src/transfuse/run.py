@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
+import math
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,16 @@ from .analysis import accuracy, agreement, expected_calibration_error, predict
 from ._version import __version__
 from .atomic import write_atomic
 from .build import (
-    fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
+    check_batches, fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
 )
 from .checkpoint import latest_checkpoint, load_into, load_weights, save_weights
 from .config import RunConfig, config_from_dict
 from .distiller import Distiller, Term
 from .engine import CHECKPOINTS, fit
-from .errors import UserError
 from .losses import LOSSES
 from .participants import Participant
 from .recipes import make_recipe
+from .rundir import FolderLock, RunDirError, disk_errors
 from .transforms import make_transform
 
 SUMMARY = "summary.json"
@@ -50,8 +51,9 @@ CONFIG = "config.yaml"
 RESUME_MAY_CHANGE = ("optim.lr", "participants.*.optim.lr", "train.grad_clip", "train.progress")
 
 
-class RunDirError(UserError, FileExistsError):
-    """A run directory that already holds a different or finished run."""
+#: Written at a run's start: the hash of every frozen participant's weights, so that a
+#: resumed run notices a teacher file replaced in between.
+FROZEN = "frozen.json"
 
 
 def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -60,14 +62,17 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
 
     ``out_dir`` defaults to ``runs/<name>``. With ``resume=True`` the run continues from
     the newest checkpoint in ``out_dir`` (the config must equal the saved one); a folder
-    whose run never reached its first checkpoint is started again from step 0.
+    whose run never reached its first checkpoint (or that does not exist) is started from
+    step 0. The folder is locked for the run's life: a second process gets a clear error.
     """
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     fabric = make_fabric(cfg.fabric)
     t_start = time.perf_counter()
+    say = _Say(quiet=quiet or fabric.global_rank != 0)
 
     # Everything knowable from the config and the data is checked here, before any write.
     splits, train_set = load_data(cfg.data)
+    check_batches(cfg, splits, train_set, world_size=fabric.world_size)
     distiller = make_distiller(cfg, splits, train_set)
     optimizers = make_optimizers(cfg, distiller)
     settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name}",
@@ -75,21 +80,37 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
 
     # Under DDP every process runs this function; only rank 0 touches the folder, and its
     # verdict is shared so that no process is left waiting for one that failed.
-    problem = None
+    problem, lock = None, None
     if fabric.global_rank == 0:
         try:
-            _prepare_run_dir(out, cfg, resume=resume)
+            lock = FolderLock(out)
+            _prepare_run_dir(out, cfg, resume=resume, say=say)
         except RunDirError as err:
             problem = str(err)
+            if lock is not None:
+                lock.release()
     problem = fabric.broadcast(problem, src=0)
     if problem:
         raise RunDirError(problem)
 
+    try:
+        with disk_errors(out, advice="Free space (or fix the permissions), then rerun the same command with --resume."):
+            return _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, train_set, out,
+                                        resume=resume, quiet=quiet, say=say, t_start=t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, train_set, out: Path, *, resume: bool,
+                         quiet: bool, say, t_start: float) -> dict[str, Any]:
     for participant in distiller.frozen():
         name = participant.name
         if not cfg.participants[name].weights:
             weights = obtain_teacher_weights(cfg, name, splits, fabric, quiet=quiet)
             load_into(participant.model, load_weights(weights, what=f"trained {name}"), source=f"trained {name} {weights}")
+    if fabric.global_rank == 0:
+        _check_frozen_weights(out, cfg, [p.name for p in distiller.frozen()], resume=resume)
 
     def evaluate() -> dict[str, float]:
         scores = {}
@@ -99,6 +120,8 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
             scores[f"{name}/ece"] = expected_calibration_error(logits, targets)
         return scores
 
+    trained = ", ".join(distiller.trainable_names)
+    say(f"training {trained} for {settings.steps} steps ({cfg.method_name}) in {out}")
     result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate,
                  recipe=make_recipe(cfg.recipe.name, **cfg.recipe.options),
                  transforms=[make_transform(t.name, **t.options) for t in cfg.transforms])
@@ -109,39 +132,104 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
             save_weights(out / f"{name}.safetensors", model.state_dict())
         summary = _summarise(cfg, distiller, splits, fabric.device, len(train_set), _num_labelled(train_set))
         summary.update(steps=result.steps, resumed_from=result.resumed_from, wall_time_s=round(time.perf_counter() - t_start, 3),
-                       train_wall_time_s=round(result.wall_time_s, 3))
-        write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+                       train_wall_time_s=round(result.wall_time_s, 3), threads=torch.get_num_threads())
+        summary = finite_or_none(summary)
+        write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     fabric.barrier()
     return summary
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by None, so that it is strict JSON (an
+    accuracy over an empty split or an ECE of non-finite logits has no value)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+class _Say:
+    """Phase lines on stderr (stdout carries the CLI's JSON result), unless quiet."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"transfuse: {message}", file=sys.stderr, flush=True)
+
+
 def obtain_teacher_weights(cfg: RunConfig, name: str, splits, fabric, *, quiet: bool = False) -> Path:
     """The weights file of frozen participant ``name``: trained now (on the full training
-    split, from labels) unless an earlier run with the same recipe cached it."""
+    split, from labels) unless an earlier run with the same recipe cached it. Training is
+    checkpointed in a work folder beside the weights, so a killed run resumes it."""
     weights = teacher_weights_path(cfg, name)
     if not fabric.broadcast(weights.is_file(), src=0):
-        _train_teacher(cfg, name, splits, fabric, weights, quiet=quiet)
+        say = _Say(quiet=quiet or fabric.global_rank != 0)
+        with disk_errors(weights.parent, advice="Free space (or fix the permissions, or set the participant's cache_dir), "
+                         "then rerun; the teacher's training resumes from its last checkpoint."):
+            _train_teacher(cfg, name, splits, fabric, weights, quiet=quiet, say=say)
     return weights
 
 
-def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, quiet: bool) -> None:
+def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, quiet: bool, say) -> None:
     pcfg = cfg.participants[name]
-    torch.manual_seed(pcfg.train.seed)
-    model = make_model(pcfg.model_copy(update={"weights": None}), splits, role=name)
-    ce = LOSSES.get("ce").build()
-    distiller = Distiller([Participant(name, model)], [Term(name="ce", loss=ce, input=f"{name}.logits", target=None)])
-    optimizer = make_optimizer_from(pcfg.train.optim, distiller.parameters())
-    settings = fit_settings(cfg.train, pcfg.train.optim, seed=pcfg.train.seed, description=f"train {name} ({pcfg.name})",
-                            steps=pcfg.train.steps, batch_size=pcfg.train.batch_size, accumulate=1,
-                            checkpoint_every=pcfg.train.steps, eval_every=0, progress=cfg.train.progress and not quiet)
-    # A private work folder per process: two runs that need the same teacher at once each
-    # train it, and the atomic rename of the weights makes the last one win harmlessly.
-    work = weights.with_name(f".work-{weights.stem}-{os.getpid()}")
-    fit(fabric, distiller, optimizer, splits.train, settings, run_dir=work)
+    # One work folder per teacher recipe (the weights' name holds its content hash), locked:
+    # a second run needing the same teacher waits for the first and then uses its weights;
+    # a killed run leaves checkpoints there that the next run resumes from.
+    work = weights.with_name(f".work-{weights.stem}")
+    lock = None
     if fabric.global_rank == 0:
-        save_weights(weights, model.state_dict(), metadata={"transfuse_version": __version__})
-        shutil.rmtree(work, ignore_errors=True)
-    fabric.barrier()
+        lock = FolderLock(work, what=f"work folder of {name}", wait=True,
+                          on_wait=lambda pid: say(f"waiting for process {pid or '?'}, which is training the same {name}"))
+    try:
+        if fabric.broadcast(weights.is_file(), src=0):
+            return  # trained by the process we waited for
+        torch.manual_seed(pcfg.train.seed)
+        model = make_model(pcfg.model_copy(update={"weights": None}), splits, role=name)
+        ce = LOSSES.get("ce").build()
+        distiller = Distiller([Participant(name, model)], [Term(name="ce", loss=ce, input=f"{name}.logits", target=None)])
+        optimizer = make_optimizer_from(pcfg.train.optim, distiller.parameters())
+        settings = fit_settings(cfg.train, pcfg.train.optim, seed=pcfg.train.seed, description=f"train {name} ({pcfg.name})",
+                                steps=pcfg.train.steps, batch_size=pcfg.train.batch_size, accumulate=1,
+                                checkpoint_every=min(cfg.train.checkpoint_every, pcfg.train.steps), eval_every=0,
+                                progress=cfg.train.progress and not quiet)
+        found = latest_checkpoint(work / CHECKPOINTS)
+        again = f", resuming from {found.name} of a run that stopped" if found is not None else ""
+        say(f"training {name} ({pcfg.name}) from labels for {pcfg.train.steps} steps{again}; it is cached as {weights}")
+        fit(fabric, distiller, optimizer, splits.train, settings, run_dir=work, resume=True)
+        if fabric.global_rank == 0:
+            save_weights(weights, model.state_dict(), metadata={"transfuse_version": __version__})
+            shutil.rmtree(work, ignore_errors=True)
+        fabric.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_frozen_weights(out: Path, cfg: RunConfig, names: list[str], *, resume: bool) -> None:
+    """Record the hash of each frozen participant's weights when a run starts; on resume,
+    refuse weights that changed since (a resumed run would silently learn from another teacher)."""
+    from .cache import file_sha256
+
+    now = {name: {"weights": str(teacher_weights_path(cfg, name)), "sha256": file_sha256(teacher_weights_path(cfg, name))}
+           for name in names}
+    record = out / FROZEN
+    if resume and record.is_file():
+        before = json.loads(record.read_text())
+        changed = [n for n in now if n in before and before[n]["sha256"] != now[n]["sha256"]]
+        if changed:
+            detail = "; ".join(f"{n}: {now[n]['weights']}" for n in changed)
+            raise RunDirError(
+                f"--resume: the weights of frozen participant(s) {', '.join(changed)} changed since this run started "
+                f"({detail}; sha256 {before[changed[0]]['sha256'][:12]}... then, {now[changed[0]]['sha256'][:12]}... now). "
+                f"Restore the original file, or start a new run with another --out"
+            )
+        return
+    write_atomic(record, json.dumps(now, indent=2) + "\n")
 
 
 def _num_labelled(train_set) -> int:
@@ -185,11 +273,10 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
     return summary
 
 
-def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool) -> None:
+def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool, say) -> None:
     saved = out / CONFIG
-    if resume:
-        if not saved.is_file():
-            raise RunDirError(f"--resume: {str(out)!r} holds no run ({CONFIG} is missing); check --out")
+    found = latest_checkpoint(out / CHECKPOINTS)
+    if resume and saved.is_file():
         old = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
         diff = _diff(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
         fixed = [d for d in diff if not any(fnmatch.fnmatchcase(d.split(":")[0], p) for p in RESUME_MAY_CHANGE)]
@@ -200,13 +287,26 @@ def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool) -> None:
             )
         if diff:  # a lower learning rate or a gradient clip after a non-finite loss: recorded
             write_atomic(saved, cfg.to_yaml())
+        if found is None:
+            say(f"--resume: {out} holds no checkpoint yet; starting from step 0")
         return  # the engine continues from the newest checkpoint, or from step 0 if there is none
-    if latest_checkpoint(out / CHECKPOINTS) is not None or (out / SUMMARY).exists():
+    if (out / SUMMARY).exists() and not resume:
         raise RunDirError(
-            f"{str(out)!r} already holds a run with checkpoints; pass --resume to continue it, or choose another --out"
+            f"{str(out)!r} holds a finished run ({SUMMARY} is there); choose another --out, or delete the folder to "
+            "run it again"
+        )
+    if found is not None:
+        if resume:  # checkpoints but no config.yaml: not a folder this version of transfuse wrote
+            raise RunDirError(f"--resume: {str(out)!r} holds checkpoints but no {CONFIG}; it cannot be resumed. "
+                              "Choose another --out")
+        raise RunDirError(
+            f"{str(out)!r} holds a run interrupted at {found.name}; pass --resume to continue it, or choose another --out"
         )
     # A new folder, or one whose run never reached its first checkpoint (nothing worth keeping).
-    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        say(f"--resume: {out} holds no run yet; starting from step 0")
+    for leftover in (out / FROZEN, out / "metrics.jsonl"):
+        leftover.unlink(missing_ok=True)
     write_atomic(saved, cfg.to_yaml())
 
 

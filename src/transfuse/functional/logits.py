@@ -53,6 +53,18 @@ def _unmasked(mask: torch.Tensor | None, weights: torch.Tensor | None, values: t
 
 
 def _check_target(student_logits: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    """Refuse a ``target`` that is not integer class ids of the logits' leading shape.
+
+    Every loss that takes a ``target`` calls this. The losses cast it with ``.long()``,
+    which would silently truncate a floating-point target (0.5 -> class 0, 1.2 -> class 1),
+    so float, complex and bool dtypes are refused rather than guessed at.
+    """
+    dtype = target.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(
+            f"{name}: target must hold integer class ids; got dtype {dtype} "
+            f"(convert whole-number labels with target.long())"
+        )
     if target.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"{name}: target shape {tuple(target.shape)} must equal the logits' leading shape "
