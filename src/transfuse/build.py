@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, load_into, load_weights
 from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
 from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
 from .data.base import first_batch
-from .distiller import Distiller, Ref, Term, fields_by_source
+from .distiller import Distiller, DistillShapeError, Ref, Term, fields_by_source
 from .engine import FitSettings
 from .errors import DataError, FabricError, ModelError
 from .losses import LOSSES
@@ -180,11 +180,27 @@ def probe_shapes(model: nn.Module, paths, batch: Mapping[str, torch.Tensor], *, 
     taps = FeatureTaps(model, [p for p in paths if p != LOGITS], role=role)
     try:
         with torch.no_grad(), taps:
-            logits = call_model(model, batch)
+            try:
+                logits = call_model(model, batch)
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise ModelError(_cannot_run(role, batch, err)) from None
         out = {LOGITS: logits, **taps.collect()}
     finally:
         model.train(was_training)
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+def _cannot_run(role: str, batch: Mapping[str, torch.Tensor], err: Exception) -> str:
+    """Why a participant's first forward pass failed, in the data's terms (the probe runs
+    before anything trains, so this is where ill-fitting inputs are caught)."""
+    inputs = batch.get("input")
+    seen = f"inputs {inputs.dtype} {tuple(inputs.shape[1:])} per sample" if isinstance(inputs, torch.Tensor) else "the batch"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    advice = ""
+    if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and "dtype" in str(err).lower() + first.lower():
+        advice = ("; this model takes floating-point inputs: store them as float32 (uint8 images are scaled "
+                  "to [0, 1] when loaded; signed integers stay integers, as token ids would)")
+    return f"participants.{role}: the model cannot run on {seen}: {first}{advice}"
 
 
 def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], batch) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -238,7 +254,13 @@ def make_terms(
         used.add(name)
         s_shape = shapes[inp.source][sources[inp.source].resolve_field(inp.field)]
         t_shape = shapes[tgt.source][sources[tgt.source].resolve_field(tgt.field)] if tgt is not None else None
-        loss = spec.from_shapes(student_shape=s_shape, teacher_shape=t_shape, num_train_samples=num_train_samples, **tc.options)
+        try:
+            loss = spec.from_shapes(student_shape=s_shape, teacher_shape=t_shape, num_train_samples=num_train_samples,
+                                    **tc.options)
+        except (ValueError, TypeError) as err:
+            # A loss sized from shapes it cannot join (FitNets from a conv map to a flat
+            # feature): known before anything trains, and the user's to fix in the config.
+            raise DistillShapeError(f"term {name!r} ({tc.loss}: {inp} -> {tgt}): {err}") from None
         out.append(
             Term(name=name, loss=loss, weight=spec.weight if tc.weight is None else tc.weight, input=inp, target=tgt,
                  schedule=_schedule(tc, spec, total_steps), detach_target=tc.detach_target, mask=tc.mask,

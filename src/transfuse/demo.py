@@ -18,6 +18,7 @@ import yaml
 from .atomic import write_atomic
 from .config import apply_overrides, config_from_dict
 from .run import run
+from .rundir import RunDirError
 
 DEMO_METHODS = ("none", "kd", "dkd")
 MARKER = "demo.json"
@@ -35,7 +36,7 @@ def run_demo(*, out_dir: str | Path = "runs/demo", cache_dir: str | None = None,
     out = Path(out_dir)
     if out.exists():
         if not (out / MARKER).is_file():
-            raise FileExistsError(f"{str(out)!r} exists and is not a demo folder; choose another --out")
+            raise RunDirError(f"{str(out)!r} exists and is not a demo folder (no {MARKER}); choose another --out")
         shutil.rmtree(out)  # the demo owns its folder: a rerun replaces it
     out.mkdir(parents=True)
     write_atomic(out / MARKER, json.dumps({"methods": list(DEMO_METHODS)}) + "\n")

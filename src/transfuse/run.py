@@ -35,7 +35,7 @@ from .atomic import write_atomic
 from .build import (
     check_batches, fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
 )
-from .checkpoint import latest_checkpoint, load_into, load_weights, save_weights
+from .checkpoint import CheckpointError, latest_checkpoint, load_into, load_weights, save_weights
 from .config import RunConfig, config_from_dict
 from .distiller import Distiller, Term
 from .engine import CHECKPOINTS, fit
@@ -108,7 +108,12 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
         name = participant.name
         if not cfg.participants[name].weights:
             weights = obtain_teacher_weights(cfg, name, splits, fabric, quiet=quiet)
-            load_into(participant.model, load_weights(weights, what=f"trained {name}"), source=f"trained {name} {weights}")
+            try:
+                state = load_weights(weights, what=f"trained {name}")
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}. It is the cached {name} this run trained earlier: delete the file and "
+                                      f"the next run trains {name} again") from None
+            load_into(participant.model, state, source=f"trained {name} {weights}")
     if fabric.global_rank == 0:
         _check_frozen_weights(out, cfg, [p.name for p in distiller.frozen()], resume=resume)
 
