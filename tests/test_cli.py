@@ -242,3 +242,68 @@ def test_resume_may_lower_the_learning_rate_or_clip_gradients(base_config, tmp_p
                  "--quiet"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.001 and saved["train"]["grad_clip"] == 1.0
+
+
+def _same_weights(a, b) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+@pytest.mark.slow
+def test_kill_loop_then_resume_is_bit_identical_and_leaves_nothing_behind(base_config, tmp_path):
+    """SIGKILL while the teacher trains, then at random moments of the student's training
+    (checkpoints are written every few steps, so some kills land inside a write), each
+    time restarting with --resume: the teacher and the student end bit-identical to an
+    uninterrupted run's, and no temporary folder or surplus checkpoint is left."""
+    import random
+
+    base_config["student"]["options"] = {"hidden": [16], "dropout": 0.1}
+    base_config["teacher"]["train"]["steps"] = 1500
+    base_config["train"].update(steps=1500, checkpoint_every=3, keep_checkpoints=2)
+    cfg = _config(tmp_path, base_config)
+    ref_cache, cache = tmp_path / "ref-cache", tmp_path / "cache"
+    ref = _cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet", "--set", f"teacher.cache_dir={ref_cache}")
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "transfuse", "run", str(cfg), "--out", str(out), "--resume",
+               "--set", f"teacher.cache_dir={cache}"]
+    logs: list[str] = []
+    rng = random.Random(0)
+    kills = 0
+
+    def start_and_kill(ready) -> bool:
+        log = tmp_path / f"attempt-{len(logs)}.log"
+        logs.append(str(log))
+        with open(log, "w") as stream:
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.002)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return proc.returncode == -signal.SIGKILL
+
+    # 1: killed while the teacher trains (after its first checkpoint).
+    kills += start_and_kill(lambda: any(cache.glob(".work-*/checkpoints/latest")))
+    assert kills == 1 and not list(cache.glob("*.safetensors")), "the teacher must be killed mid-training"
+    # 2-4: killed at random moments of the student's training.
+    for _ in range(3):
+        kills += start_and_kill(lambda: (out / "checkpoints" / "latest").is_file())
+    assert kills >= 3
+    final = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    said = final.stderr + "".join(open(log).read() for log in logs)
+    assert "from labels for 1500 steps, resuming from step-" in said, "the teacher's training was not resumed"
+
+    [ref_teacher], [teacher] = list(ref_cache.glob("*.safetensors")), list(cache.glob("*.safetensors"))
+    assert _same_weights(ref_teacher, teacher), "the resumed teacher differs from the uninterrupted one"
+    assert _same_weights(tmp_path / "ref" / "student.safetensors", out / "student.safetensors")
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] > 0
+    leftovers = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "latest")
+    assert len(leftovers) <= 2 and all(p.startswith("step-") for p in leftovers), leftovers
+    assert not list(cache.glob(".work-*")) and not [p for p in out.rglob("*") if ".tmp" in p.name]
+    rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)), "metrics rows repeated after a resume"

@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    _plain_warnings()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -121,6 +122,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"transfuse: error: {err}", file=sys.stderr)
         return 2
+
+
+def _plain_warnings() -> None:
+    """Print transfuse's own warnings (a damaged checkpoint skipped on resume) as one line,
+    without Python's file:line and source excerpt; other warnings keep their usual form."""
+    import warnings
+
+    from .checkpoint import CheckpointFallbackWarning
+
+    original = warnings.formatwarning
+    if getattr(original, "transfuse", False):
+        return  # already installed (main() called again in one process)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, CheckpointFallbackWarning):
+            return f"transfuse: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    format_warning.transfuse = True  # type: ignore[attr-defined]
+    warnings.formatwarning = format_warning
 
 
 def _is_user_error(err: Exception) -> bool:
