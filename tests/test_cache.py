@@ -161,6 +161,17 @@ def test_exception_in_block_leaves_nothing(tmp_path):
     assert not (tmp_path / "c").exists() and _leftovers(tmp_path) == []
 
 
+def test_a_killed_writers_folder_is_removed_by_the_next_writer(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f".c.tmp-{dead.pid}-0badf00d").mkdir()
+    (tmp_path / f".c.tmp-{os.getpid()}-00000001").mkdir()  # a live writer's (this process): kept
+    (tmp_path / f".other.tmp-{dead.pid}-0badf00d").mkdir()  # another cache's: not ours to judge
+    ids, outs = _data()
+    _write(tmp_path / "c", ids, outs)
+    assert sorted(p.name for p in _leftovers(tmp_path)) == [f".c.tmp-{os.getpid()}-00000001", f".other.tmp-{dead.pid}-0badf00d"]
+
+
 def test_missing_or_duplicate_samples_at_exit(tmp_path):
     ids, outs = _data()
     with pytest.raises(CacheError, match="3 of 23 declared samples are missing"):

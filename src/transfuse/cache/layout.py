@@ -41,3 +41,32 @@ def temp_kind(path: Path) -> str | None:
     overwrite, None for any other name. Both are left behind only by a killed writer."""
     match = re.match(r"^\..+\.(tmp|old)-\d+-[0-9a-f]+$", path.name)
     return match.group(1) if match else None
+
+
+def abandoned_siblings(out_dir: Path) -> list[Path]:
+    """Unfinished ``tmp`` folders of ``out_dir`` left by writers that no longer run (a
+    killed ``transfuse cache-teacher``): safe to delete, since no process will finish them.
+    Moved-aside ``old`` caches are kept (they may be the only copy of a cache)."""
+    found = []
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-(\d+)-[0-9a-f]+$")
+    if not out_dir.parent.is_dir():
+        return found
+    for path in out_dir.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            found.append(path)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True

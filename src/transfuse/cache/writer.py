@@ -19,7 +19,7 @@ import torch
 
 from ..atomic import write_atomic
 from .errors import CacheError
-from .layout import MANIFEST, SAMPLE_IDS, field_stem, part_file, temp_sibling
+from .layout import MANIFEST, SAMPLE_IDS, abandoned_siblings, field_stem, part_file, temp_sibling
 from .manifest import FORMAT_VERSION, FieldSpec, Manifest
 from .npyfile import create_rows, fsync_path
 
@@ -80,6 +80,8 @@ class CacheWriter:
             raise CacheError(f"CacheWriter for {str(self.out_dir)!r} is already open; use it in one `with` block")
         self._check_target()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in abandoned_siblings(self.out_dir):  # left by a killed writer of this same cache
+            shutil.rmtree(stale, ignore_errors=True)
         self._tmp = temp_sibling(self.out_dir, "tmp")
         self._tmp.mkdir()
         try:
