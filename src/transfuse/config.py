@@ -565,7 +565,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"unknown field{_valid_fields(e['loc'])}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)) \
+                    and repr(e["input"]) not in msg and not isinstance(e["input"], bool):
                 msg += f" (got {e['input']!r})"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)

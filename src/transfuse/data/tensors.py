@@ -323,7 +323,7 @@ def npz(*, path: str | None = None, num_classes: int | None = None, scale_uint8:
         raise ValueError("data set 'npz' needs options.path: a .npz file with x_train, y_train, x_test, y_test")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"data set 'npz': no such file: {file}")
+        raise FileNotFoundError(f"no such file: {file} (data.options.path)")
     with open(file, "rb") as fh:
         head = fh.read(len(_NPY_MAGIC))
     # Decide the format from the first bytes ourselves: numpy calls anything that is neither
