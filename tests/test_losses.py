@@ -164,7 +164,8 @@ def test_registry_metadata(name):
     assert isinstance(spec.weight, float) and spec.weight > 0
     assert isinstance(spec.ce_weight, float) and spec.ce_weight >= 0
     assert issubclass(spec.module, DistillLoss)
-    assert spec.schedule is None  # no loss changes its default schedule yet
+    # Only DKD has a default schedule: its official warm-up over the first 1/12 of training.
+    assert spec.schedule == (ScheduleDefault("warmup", fraction=1 / 12) if name == "dkd" else None)
     assert spec.positionwise == (name not in BATCH_RELATION)
     # The module agrees with its spec (the Distiller reads these from the module).
     assert (spec.module.needs, spec.module.uses_teacher, spec.module.positionwise) == (
@@ -521,3 +522,20 @@ def test_crd_mask_keeps_selected_samples_and_refuses_weights():
     z = loss.z_student.clone()
     assert loss(s, tt, index=index, mask=torch.zeros(BATCH, dtype=torch.bool)).item() == 0.0
     assert torch.equal(loss.z_student, z)
+
+
+def test_dkd_warms_up_over_the_first_twelfth_of_training_by_default(base_config):
+    """The official DKD code ramps the loss over 20 of 240 epochs in every config."""
+    from transfuse.build import load_data, make_distiller
+    from transfuse.config import config_from_dict
+
+    def dkd_schedule(**distill):
+        data = {**base_config, "distill": {"method": "dkd", **distill}, "train": {**base_config["train"], "steps": 120}}
+        cfg = config_from_dict(data)
+        splits, train_set = load_data(cfg.data)
+        [term] = [t for t in make_distiller(cfg, splits, train_set).terms if t.name == "dkd"]
+        return [term.schedule.factor(s) for s in (0, 4, 9, 10, 119)]
+
+    assert dkd_schedule() == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])  # 120 / 12 = 10 steps
+    assert dkd_schedule(warmup_steps=0) == [1.0] * 5
+    assert dkd_schedule(warmup_steps=20) == pytest.approx([0.05, 0.25, 0.5, 0.55, 1.0])

@@ -264,7 +264,11 @@ class DistillConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     weight: float | None = Field(None, allow_inf_nan=False)
     ce_weight: float | None = Field(None, ge=0, allow_inf_nan=False)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up of the distillation term (DKD uses it)")
+    warmup_steps: int | None = Field(
+        None, ge=0,
+        description="linear warm-up of the distillation term over this many steps; null = the method's default "
+        "(DKD: the first 1/12 of train.steps, as its official code), 0 = none",
+    )
     student_layer: str = "auto"
     teacher_layer: str = "auto"
     terms: list[TermConfig] | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import functional as TF
-from .base import register_loss
+from .base import ScheduleDefault, register_loss
 
 register_loss(
     TF.cross_entropy,
@@ -30,8 +30,9 @@ register_loss(
     ce_weight=0.1,
 )
 
-# The paper warms the DKD term up linearly (20 of 240 epochs); here that is a weight
-# schedule on the term (`distill.warmup_steps`), not part of the loss.
+# The official code always warms the DKD term up linearly, over 20 of 240 epochs (every
+# config: CIFAR-100 and ImageNet): the first 1/12 of training. That is the term's default
+# weight schedule here (`distill.warmup_steps` or a term's `schedule` overrides it).
 register_loss(
     TF.dkd,
     name="dkd",
@@ -41,6 +42,7 @@ register_loss(
     weight=1.0,
     ce_weight=1.0,
     needs=("target",),
+    schedule=ScheduleDefault("warmup", fraction=1 / 12),
 )
 
 register_loss(

@@ -64,7 +64,13 @@ def expand(distill: "DistillConfig", participants: dict[str, "ParticipantConfig"
     terms = []
     if ce_weight > 0 and method != "ce":
         terms.append(TermConfig(loss="ce", weight=ce_weight))
-    schedule = {"kind": "warmup", "options": {"steps": distill.warmup_steps}} if distill.warmup_steps else None
+    # None leaves the loss's own default schedule (DKD's warm-up); 0 turns any warm-up off.
+    if distill.warmup_steps is None:
+        schedule = None
+    elif distill.warmup_steps == 0:
+        schedule = {"kind": "constant"}
+    else:
+        schedule = {"kind": "warmup", "options": {"steps": distill.warmup_steps}}
     terms.append(
         TermConfig(
             loss=method,
