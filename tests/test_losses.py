@@ -46,13 +46,13 @@ NOT_ZERO_AT_EQUALITY = {
 #: The papers' default weights (term weight, CE weight beside it) and inputs, pinned.
 DEFAULTS = {
     "ce": (1.0, 0.0, "logits"), "kd": (0.9, 0.1, "logits"), "dkd": (1.0, 1.0, "logits"),
-    "dist": (1.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
+    "dist": (2.0, 1.0, "logits"), "dist_t4": (2.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
     "sp": (3000.0, 1.0, "feature"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
     "crd": (0.8, 1.0, "feature"),
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.
-BATCH_RELATION = {"dist", "sp", "rkd", "pkt", "crd"}
+BATCH_RELATION = {"dist", "dist_t4", "sp", "rkd", "pkt", "crd"}
 
 
 def build(name: str, *, same_shapes: bool = False) -> DistillLoss:
@@ -179,7 +179,9 @@ def test_registry_metadata(name):
     source = spec.fn if spec.fn is not None else spec.module.__init__
     params = [p for p in inspect.signature(source).parameters.values() if p.name in spec.option_names()]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty for p in params)
-    assert spec.option_defaults() == {p.name: p.default for p in params}
+    # A named setting (dist_t4) overrides some of its function's defaults; nothing else does.
+    named_settings = {"dist_t4": {"temperature": 4.0}}
+    assert spec.option_defaults() == {p.name: p.default for p in params} | named_settings.get(name, {})
     assert (spec.weight, spec.ce_weight, spec.inputs) == DEFAULTS[name]
 
 
@@ -288,7 +290,10 @@ def test_default_options_match_the_papers():
     dkd = LOSSES.get("dkd").build()
     assert (dkd.alpha, dkd.beta, dkd.temperature) == (1.0, 8.0, 4.0)
     dist = LOSSES.get("dist").build()
-    assert (dist.beta, dist.gamma, dist.temperature) == (1.0, 1.0, 1.0)
+    assert (dist.beta, dist.gamma, dist.temperature) == (1.0, 1.0, 1.0)  # official ImageNet setting
+    dist_t4 = LOSSES.get("dist_t4").build()
+    assert (dist_t4.beta, dist_t4.gamma, dist_t4.temperature) == (1.0, 1.0, 4.0)  # official CIFAR-100 setting
+    assert LOSSES.get("dist_t4").build(temperature=2.0).temperature == 2.0
     rkd = LOSSES.get("rkd").build()
     assert (rkd.distance_weight, rkd.angle_weight) == (25.0, 50.0)
     assert LOSSES.get("at").build().p == 2.0

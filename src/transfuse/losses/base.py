@@ -23,7 +23,7 @@ import torch
 
 from ..registry import Registry
 from .module import DistillLoss, FunctionLoss
-from .options import describe_field, options_model, validate
+from .options import describe_field, options_model, validate, with_defaults
 
 KINDS = ("logits", "feature", "relation")
 INPUTS = ("logits", "feature", "hint")
@@ -166,6 +166,7 @@ def register_loss(
     uses_teacher: bool = True,
     positionwise: bool = True,
     schedule: ScheduleDefault | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> Any:
     """Register a pure loss function, or a :class:`DistillLoss` subclass, under ``name``.
 
@@ -187,7 +188,9 @@ def register_loss(
     this term and of the cross-entropy term added beside it when a config names only
     ``method:``. ``needs``: batch keys passed as keyword arguments. ``uses_teacher``:
     False for a loss that never reads the teacher. ``positionwise``: False for a
-    batch-relation loss. ``schedule``: a default weight schedule.
+    batch-relation loss. ``schedule``: a default weight schedule. ``defaults``: other
+    default values for some options of a function (a *named setting*: the same function
+    registered again under another name, e.g. ``dist_t4`` = ``dist`` with ``temperature=4``).
 
     A plain call returns the :class:`LossSpec`. Without ``fn_or_module`` it is a
     decorator, which registers the decorated object and returns it unchanged (the spec is
@@ -199,7 +202,7 @@ def register_loss(
             register_loss(
                 obj, name=name, kind=kind, summary=summary, paper=paper, inputs=inputs, weight=weight,
                 ce_weight=ce_weight, needs=needs, uses_teacher=uses_teacher, positionwise=positionwise,
-                schedule=schedule,
+                schedule=schedule, defaults=defaults,
             )
             return obj
 
@@ -211,6 +214,8 @@ def register_loss(
         if not issubclass(fn_or_module, DistillLoss):
             raise TypeError(f"register_loss({name!r}): {fn_or_module.__name__} is not a DistillLoss subclass")
         module, fn = fn_or_module, None
+        if defaults:
+            raise TypeError(f"register_loss({name!r}): defaults= is for functions; give the class's __init__ its defaults")
         declared = {"needs": module.needs, "uses_teacher": module.uses_teacher, "positionwise": module.positionwise}
         given = {"needs": needs, "uses_teacher": uses_teacher, "positionwise": positionwise}
         if declared != given:
@@ -219,6 +224,8 @@ def register_loss(
             )
     else:
         module, fn = _function_module(fn_or_module, name, needs, uses_teacher, positionwise), fn_or_module
+        if defaults:
+            module.options_model = with_defaults(module.options_model, dict(defaults), name=name)
     spec = LossSpec(
         name=name, kind=kind, summary=summary, module=module, fn=fn, paper=paper, inputs=inputs,
         weight=float(weight), ce_weight=float(ce_weight), schedule=schedule, needs=needs,

@@ -102,3 +102,19 @@ def validate(model: type[pydantic.BaseModel], options: dict[str, Any], *, name: 
         else:
             return {k: getattr(parsed, k) for k in options}
     raise ValueError(f"loss {name!r}: {'; '.join(problems)}. It accepts: {_accepts(model)}.")
+
+
+def with_defaults(model: type[pydantic.BaseModel], defaults: dict[str, Any], *, name: str) -> type[pydantic.BaseModel]:
+    """A copy of an options ``model`` whose defaults are ``defaults`` (a named setting of
+    a loss, e.g. DIST's CIFAR setting ``tau=4``); every constraint is kept, and the new
+    defaults are checked against them at registration."""
+    from pydantic.fields import FieldInfo
+
+    unknown = sorted(set(defaults) - set(model.model_fields))
+    if unknown:
+        raise TypeError(f"loss {name!r}: defaults for unknown option(s) {unknown}; options: {sorted(model.model_fields)}")
+    fields = {k: (f.annotation, FieldInfo.merge_field_infos(f, default=defaults[k]))
+              for k, f in model.model_fields.items() if k in defaults}
+    derived = pydantic.create_model(f"{model.__name__}_{name}", __base__=model, **fields)
+    validate(derived, dict(defaults), name=name)  # a default outside its own constraint fails here
+    return derived
