@@ -52,3 +52,22 @@ def test_plain_pytorch_example_runs(capsys, monkeypatch):
     teacher = float(out.split("teacher: ")[1].split(" %")[0])
     student = float(out.split("student: ")[1].split(" %")[0])
     assert teacher > 90 and student > 85, out
+
+
+def test_benchmark_table_states_each_claim_and_whether_this_run_confirms_it():
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "fashion_mnist.py"), run_name="not_main")
+
+    def cell(method, seed, acc):
+        summary = {"student": {"accuracy": acc, "ece": 0.1}, "teacher": {"accuracy": 0.9}, "agreement": 0.8,
+                   "train_wall_time_s": 1.0}
+        return {"setting": "lowlabel", "method": method, "seed": seed, "summary": summary}
+
+    results = [cell("none", s, 0.80) for s in (0, 1)] + [cell("kd", s, 0.82) for s in (0, 1)]
+    results += [cell("dkd", 0, 0.84), cell("dkd", 1, 0.85)]       # +2.0, +3.0 over KD: confirmed
+    results += [cell("dist", 0, 0.821), cell("dist", 1, 0.818)]   # +0.1, -0.2: within noise
+    results += [cell("crd", 0, 0.79), cell("crd", 1, 0.791)]      # about -3: worse
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench["table"](results, [0, 1]).splitlines() if line.startswith("| ")}
+    assert rows["dkd"].endswith("| yes |") and "2.50 ± 0.71" in rows["dkd"]
+    assert rows["dist"].endswith("| no (within noise) |")
+    assert rows["crd"].endswith("| no (worse than KD) |")
+    assert rows["kd"].endswith("| - | - |") and bench["CLAIMS"]["dkd"] in rows["dkd"]
