@@ -46,7 +46,8 @@ NOT_ZERO_AT_EQUALITY = {
 #: The papers' default weights (term weight, CE weight beside it) and inputs, pinned.
 DEFAULTS = {
     "ce": (1.0, 0.0, "logits"), "kd": (0.9, 0.1, "logits"), "dkd": (1.0, 1.0, "logits"),
-    "dist": (2.0, 1.0, "logits"), "dist_t4": (2.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
+    "dist": (2.0, 1.0, "logits"), "dist_t4": (2.0, 1.0, "logits"),
+    "selective_kd": (1.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
     "sp": (3000.0, 1.0, "feature"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
     "crd": (0.8, 1.0, "feature"),
 }

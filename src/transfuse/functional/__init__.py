@@ -10,7 +10,7 @@ Two families, by how a mask and per-sample weights apply:
 * position-wise -- one value per position (a row of logits, a token, a sample), reduced
   by the one shared rule :func:`reduce_positions` (``mask``, ``weights``; or
   ``reduction="none"`` for the values): :func:`kd`, :func:`dkd` (:func:`dkd_parts`),
-  :func:`cross_entropy`, :func:`fitnet`, :func:`attention_transfer`;
+  :func:`cross_entropy`, :func:`fitnet`, :func:`attention_transfer`, :func:`selective_kd`;
 * batch-relation -- the value depends on the whole batch, so ``mask`` selects the samples
   the relation is computed over and ``weights`` are refused: :func:`dist`,
   :func:`similarity_preserving`, :func:`rkd_distance`, :func:`rkd_angle`, :func:`rkd`,
@@ -24,6 +24,7 @@ from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probabil
 from .features import attention_map, attention_transfer, fitnet
 from .logits import cross_entropy, dist, dkd, dkd_parts, kd
 from .reduce import reduce_positions, weigh_positions
+from .selective import more_reliable, selective_kd
 from .relations import (
     crd_nce_loss,
     crd_scores,
@@ -38,6 +39,6 @@ from .relations import (
 __all__ = [
     "LabelSmoothing", "NonNegative", "Positive", "PositiveInt", "Probability", "Reduction", "Temperature",
     "attention_map", "attention_transfer", "crd_nce_loss", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts",
-    "fitnet", "kd", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
-    "similarity_preserving", "weigh_positions",
+    "fitnet", "kd", "more_reliable", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
+    "selective_kd", "similarity_preserving", "weigh_positions",
 ]
