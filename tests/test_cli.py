@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from transfuse.cli import main
 
-EXPECTED_METHODS = {"kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dml", "multi_teacher"}
+EXPECTED_METHODS = {"kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dml", "multi_teacher", "bdkd", "kl_dp",
+                    "dist_t4", "selective_kd", "balanced_kl"}
 
 
 def _cli(*args, cwd=None, timeout=300):

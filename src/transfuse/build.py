@@ -31,7 +31,7 @@ from .optim import make_optimizer
 from .participants import LOGITS, Participant
 from .paths import teacher_cache_dir
 from .schedules import SCHEDULES, Constant
-from .sources import CachedOutputs, Ensemble, LearnedEnsemble
+from .sources import CachedOutputs, Ensemble, LearnedEnsemble, MostConfident
 from .taps import FeatureTaps
 
 
@@ -157,13 +157,16 @@ def make_participants(cfg: RunConfig, splits: DataSplits) -> dict[str, Any]:
     return out
 
 
-def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble | LearnedEnsemble]:
+def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble | LearnedEnsemble | MostConfident]:
     """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble`
-    (fixed weights) or :class:`~transfuse.sources.LearnedEnsemble` objects."""
-    out: dict[str, Ensemble | LearnedEnsemble] = {}
+    (fixed weights), :class:`~transfuse.sources.LearnedEnsemble` or
+    :class:`~transfuse.sources.MostConfident` (one member per sample) objects."""
+    out: dict[str, Ensemble | LearnedEnsemble | MostConfident] = {}
     for name, s in sources.items():
         if s.combine == "learned":
             out[name] = LearnedEnsemble(name, s.members, temperature=s.temperature)
+        elif s.combine == "most_confident":
+            out[name] = MostConfident(name, s.members, criterion=s.criterion or "label", temperature=s.temperature)
         else:
             out[name] = Ensemble(name, s.members, combine=s.combine, temperature=s.temperature, weights=s.weights)
     return out

@@ -16,6 +16,7 @@ examples:
   transfuse cache-teacher configs/digits/kd.yaml --out runs/kd-cache   # teacher outputs to disk, once
   transfuse run configs/digits/kd.yaml --set teacher.cache=runs/kd-cache  # then train without the teacher
   transfuse methods --json                        # every registered method with its paper
+  transfuse compare configs/digits/kd.yaml runs/a/student.safetensors runs/b/student.safetensors   # accuracy, ECE, flips
 """
 
 
@@ -68,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     common(c)
 
+    k = sub.add_parser("compare", help="compare two weight files of one participant: accuracy, ECE, agreement, flips",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("config", help="the run config whose participant model and data set to use")
+    k.add_argument("a", metavar="A.safetensors", help="weights of the first model (the 'before' of the flips)")
+    k.add_argument("b", metavar="B.safetensors", help="weights of the second model (the 'after')")
+    k.add_argument("--participant", default="student", help="whose model the files hold (default: student)")
+    k.add_argument("--split", default="test", choices=["test", "train"], help="which split to score (default: test)")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    k.add_argument("--json", action="store_true", help="machine-readable output")
+    common(k)
+
     m = sub.add_parser("methods", help="list the registered distillation methods")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     common(m, threads=False)
@@ -98,6 +111,55 @@ def methods_table() -> list[dict[str, object]]:
     rows = describe_losses()
     rows += [{"name": e.name, "kind": "scheme", "paper": e.meta.get("paper"), "description": e.summary} for e in SCHEMES.entries()]
     return sorted(rows, key=lambda r: str(r["name"]))
+
+
+def compare_files(cfg, a: str, b: str, *, participant: str = "student", split: str = "test") -> dict[str, object]:
+    """Build ``participant``'s model from ``cfg`` (for the config's data), load the
+    safetensors files ``a`` and ``b`` into two copies and compare them on ``split``
+    (:func:`transfuse.analysis.compare`; A is "before", B "after" for the flips)."""
+    import torch
+
+    from .analysis import compare
+    from .build import load_splits, make_model
+    from .checkpoint import load_into, load_weights
+    from .config import ConfigError
+
+    if participant not in cfg.participants:
+        raise ConfigError(f"--participant {participant!r}: the config has no such participant; "
+                          f"participants: {', '.join(cfg.participants)}")
+    if split not in ("test", "train"):
+        raise ConfigError(f"--split {split!r}: expected test or train")
+    if cfg.fabric.threads:
+        torch.set_num_threads(cfg.fabric.threads)
+    section = cfg.participants[participant].model_copy(update={"weights": None})
+    splits = load_splits(cfg.data)
+    models = []
+    for path in (a, b):
+        model = make_model(section, splits, role=participant)
+        load_into(model, load_weights(path, what=f"compare: {participant}"), source=f"compare: {path!r}")
+        models.append(model)
+    dataset = splits.test if split == "test" else splits.train
+    result = compare(models[0], models[1], dataset, batch_size=cfg.train.eval_batch_size)
+    result["a"] = {"weights": str(a), **result["a"]}
+    result["b"] = {"weights": str(b), **result["b"]}
+    return {"participant": participant, "model": section.name, "data": cfg.data.name, "split": split, **result}
+
+
+def format_comparison(report: dict) -> str:
+    """``transfuse compare``'s table for people."""
+    f = report["flips"]
+    width = max(len(report["a"]["weights"]), len(report["b"]["weights"]))
+    lines = [
+        f"{report['participant']} ({report['model']}) on {report['data']} {report['split']}: {report['samples']} samples",
+        f"     {'weights':<{width}}  accuracy     ECE",
+    ]
+    for side in ("a", "b"):
+        r = report[side]
+        lines.append(f"  {side.upper()}  {r['weights']:<{width}}  {r['accuracy']:8.4f}  {r['ece']:6.4f}")
+    lines.append(f"agreement (top-1): {report['agreement']:.4f}")
+    lines.append(f"flips A -> B: positive {f['positive']} ({f['positive_rate']:.2%}), negative {f['negative']} "
+                 f"({f['negative_rate']:.2%}); top-1 changed on {f['changed']}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +244,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = cache_teacher(cfg, args.out, participant=args.participant, dtype=args.dtype, batch_size=args.batch_size,
                                overwrite=args.overwrite, quiet=args.quiet)
         print(json.dumps(report, indent=2))
+        return 0
+    if args.command == "compare":
+        from .config import load_config
+
+        cfg = load_config(args.config, _overrides(args))
+        report = compare_files(cfg, args.a, args.b, participant=args.participant, split=args.split)
+        print(json.dumps(report, indent=2) if args.json else format_comparison(report))
         return 0
     if args.command == "demo":
         from .demo import format_table, run_demo

@@ -122,18 +122,39 @@ class ParticipantConfig(ModelConfig):
 
 class EnsembleConfig(_Strict):
     """A source that combines other sources: ``mean_probs`` (weighted mean of the members'
-    probabilities at ``temperature``), ``mean_logits``, or ``learned`` (``mean_probs`` with
+    probabilities at ``temperature``), ``mean_logits``, ``learned`` (``mean_probs`` with
     weights ``softmax(theta)`` trained by the terms that take the ensemble as their input,
-    with ``optim`` or the run's top-level one)."""
+    with ``optim`` or the run's top-level one), or ``most_confident`` (per sample, the
+    logits of the member whose probabilities at ``temperature`` are most confident by
+    ``criterion``: ``label``, the probability of the sample's label, or ``confidence``,
+    the top-1 probability; ties and unlabelled samples go to the first member)."""
 
     members: list[str] = Field(min_length=1)
-    combine: Literal["mean_probs", "mean_logits", "learned"] = "mean_probs"
+    combine: Literal["mean_probs", "mean_logits", "learned", "most_confident"] = "mean_probs"
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     optim: OptimConfig | None = None
+    criterion: Literal["label", "confidence"] | None = Field(
+        None, description="most_confident only: how a member's confidence is judged (default: label)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_criterion(cls, data: Any) -> Any:
+        # Written out in the resolved config, like every other default.
+        if isinstance(data, dict) and data.get("combine") == "most_confident" and data.get("criterion") is None:
+            data = {**data, "criterion": "label"}
+        return data
 
     @model_validator(mode="after")
     def _weights(self) -> "EnsembleConfig":
+        if self.combine == "most_confident":
+            if self.weights is not None:
+                raise ValueError("weights: a most_confident source picks one member per sample; it has no weights")
+            if len(self.members) < 2:
+                raise ValueError("members: a most_confident source chooses between members; give at least two")
+        elif self.criterion is not None:
+            raise ValueError(f"criterion: only a most_confident source (combine: most_confident) has one; "
+                             f"combine is {self.combine!r}")
         if self.combine == "learned":
             if self.weights is not None:
                 raise ValueError("weights: a learned ensemble learns its weights (they start equal); leave weights out")
@@ -255,7 +276,8 @@ class DistillConfig(_Strict):
 
     Short form: ``method`` -- a registered loss (``kd``, ``dkd``, ...: the student learns
     from the teacher, plus a label CE term with the method's default ``ce_weight``), a
-    scheme (``dml``, ``multi_teacher``: participants and terms set up together), or
+    scheme (``dml``, ``multi_teacher``, ``bdkd``, ``kl_dp``: participants and terms set up
+    together), or
     ``none`` (labels only) -- plus its ``options``. Long form: an explicit list of
     ``terms`` (then ``method`` must be left out).
     """
@@ -410,6 +432,7 @@ class RunConfig(_Strict):
             participants[role] = merged
         if "participants" in data or participants:
             data["participants"] = participants
+        _add_original_copy(data, participants)
         return data
 
     @model_validator(mode="after")
@@ -439,6 +462,11 @@ class RunConfig(_Strict):
             target = (term.target or "teacher") if term.refs()[1] is not None else None
             if target is not None:
                 _check_ref(target, where, "target", self.participants, sources, trainable=False)
+                source = sources.get(target.split(".", 1)[0])
+                field = term.refs()[1].split(".", 1)[1]
+                if source is not None and source.combine == "most_confident" and field != "logits":
+                    raise ValueError(f"{where}: target {target!r} reads {field!r} of a most_confident source, which "
+                                     "answers only 'logits' (it picks each sample's logits from one member)")
         return self
 
     @property
@@ -461,6 +489,27 @@ class RunConfig(_Strict):
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default written out)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+#: The frozen copy of the student that ``kl_dp`` keeps learning from where the teacher is not more confident.
+ORIGINAL = "original"
+
+
+def _add_original_copy(data: dict, participants: dict) -> None:
+    """``distill.method: kl_dp`` without a participant ``original``: add it as a frozen copy
+    of ``student``'s section (same model, options and ``weights``), so that the resolved
+    config lists it. A config that gives ``original`` itself keeps it (the scheme then
+    checks that it is the same model with the same weights)."""
+    distill = data.get("distill")
+    if not isinstance(distill, dict) or distill.get("method") != "kl_dp" or ORIGINAL in participants:
+        return
+    student = participants.get("student")
+    if not isinstance(student, dict):
+        return  # the scheme reports the missing student
+    copy = {k: v for k, v in student.items() if k in ("name", "options", "weights")}
+    copy["trainable"] = False
+    participants[ORIGINAL] = copy
+    data["participants"] = participants
 
 
 def _check_ref(ref: str, where: str, role: str, participants: dict, sources: dict, *, trainable: bool) -> None:

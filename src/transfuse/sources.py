@@ -4,8 +4,10 @@ A term's target is a reference ``<source>.<field>``; the source may be a
 :class:`~transfuse.participants.Participant`, a :class:`CachedOutputs` (a teacher answered
 from disk by sample id, without loading or running it), an :class:`Ensemble` that
 combines the outputs of several sources with fixed weights (several teachers into one
-target), or a :class:`LearnedEnsemble` whose weights are trained by the terms that take
-it as their input (e.g. a label loss on the ensemble's prediction).
+target), a :class:`LearnedEnsemble` whose weights are trained by the terms that take
+it as their input (e.g. a label loss on the ensemble's prediction), or a
+:class:`MostConfident` source that answers each sample with the member most confident in
+its label (KL+DP's data partitioning).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch.nn.functional as F
 
 from torch import nn
 
+from .distiller import MissingBatchKeyError
 from .participants import LOGITS, Outputs
 
 SAMPLE_ID = "sample_id"
+TARGET = "target"
+LABELLED = "labelled"
 
 
 class CachedOutputs:
@@ -177,3 +182,123 @@ class LearnedEnsemble(nn.Module):
 
     def provide(self, batch, fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
         return _combine(self, fields, upstream, self.weights(), mean_probs=True)
+
+
+Criterion = Literal["label", "confidence"]
+CRITERIA: tuple[str, ...] = ("label", "confidence")
+
+
+def most_confident(
+    logits: Sequence[torch.Tensor],
+    target: torch.Tensor | None = None,
+    *,
+    criterion: Criterion = "label",
+    temperature: float = 1.0,
+    labelled: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the logits of the member that is most confident: ``(logits, choice)``.
+
+    ``logits``: K tensors ``(..., C)`` (float32 results). ``criterion="label"``: the member
+    whose ``softmax(z / T)`` gives the highest probability to ``target`` ``(...)`` (integer
+    class ids); ``"confidence"``: the highest top-1 probability (no labels read).
+    Returns the chosen logits ``(..., C)`` and the chosen member's index ``(...)`` (int64).
+
+    Ties go to the EARLIER member: a later member is chosen only if it is strictly more
+    confident. With ``criterion="label"``, a position without a label -- a negative
+    target (:data:`transfuse.data.IGNORE_TARGET` = -1, or -100) or ``labelled`` False --
+    gets the FIRST member. KL+DP lists the student's frozen original copy first, so the
+    student keeps its own predictions wherever the teacher is not strictly more
+    confident in the label, and wherever there is no label to judge by. A NaN
+    probability never wins.
+
+    This follows the data partitioning of Roth et al.'s official code (``most-conf``:
+    ``softmax(teacher)[y] > softmax(original)[y]`` at temperature 1, per sample; the
+    unsupervised ``most-conf_u`` compares the top-1 probabilities; several teachers: the
+    argmax over ``[original, teacher_1, ...]``, which keeps the first on ties).
+    """
+    if len(logits) < 1:
+        raise ValueError("most_confident needs at least one member's logits")
+    if criterion not in CRITERIA:
+        raise ValueError(f"most_confident: criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"most_confident: temperature must be a finite number > 0, got {temperature}")
+    shapes = {tuple(z.shape) for z in logits}
+    if len(shapes) != 1:
+        raise ValueError(f"most_confident: the members' logits must have one shape; got {sorted(shapes)}")
+    stacked = torch.stack([z.float() for z in logits])  # (K, ..., C)
+    probs = torch.softmax(stacked / temperature, dim=-1)  # (K, ..., C)
+    if criterion == "label":
+        if target is None:
+            raise ValueError("most_confident: criterion 'label' needs the targets")
+        if target.shape != stacked.shape[1:-1]:
+            raise ValueError(
+                f"most_confident: target shape {tuple(target.shape)} must equal the logits' leading shape "
+                f"{tuple(stacked.shape[1:-1])}"
+            )
+        has_label = target >= 0  # (...)
+        if labelled is not None:
+            lab = labelled.to(device=target.device, dtype=torch.bool)  # (...) or a prefix, e.g. per-sample (B,)
+            has_label = has_label & lab.reshape(*lab.shape, *([1] * (target.dim() - lab.dim())))
+        index = torch.where(has_label, target, torch.zeros_like(target)).long()  # placeholder class where unlabelled
+        scores = probs.gather(-1, index.reshape(1, *index.shape, 1).expand(len(logits), *index.shape, 1)).squeeze(-1)
+    else:
+        has_label = None
+        scores = probs.max(dim=-1).values  # (K, ...)
+    scores = torch.nan_to_num(scores, nan=-1.0)  # below every probability: NaN never wins
+    k = len(logits)
+    order = torch.arange(k, device=scores.device).reshape(k, *([1] * (scores.dim() - 1)))  # (K, 1, ...)
+    is_best = scores == scores.max(dim=0, keepdim=True).values  # (K, ...)
+    choice = torch.where(is_best, order, torch.full_like(order, k)).min(dim=0).values  # first best member, (...)
+    if has_label is not None:
+        choice = torch.where(has_label, choice, torch.zeros_like(choice))
+    picked = stacked.gather(0, choice.reshape(1, *choice.shape, 1).expand(1, *stacked.shape[1:])).squeeze(0)
+    return picked, choice
+
+
+class MostConfident:
+    """Per sample, the logits of the member most confident in the sample's label.
+
+    The data partitioning of KL+DP (Roth et al., ICLR 2024): with members
+    ``[original, teacher]`` a KD term targeting this source distils the teacher only on
+    the samples where the teacher gives the label a strictly higher probability than the
+    student's frozen original, and the original (the student's own starting point)
+    everywhere else -- including unlabelled samples and ties (see :func:`most_confident`,
+    which this source applies to ``batch["target"]``, and ``batch["labelled"]`` when
+    present). ``criterion="confidence"`` compares top-1 probabilities instead and reads
+    no labels. Probabilities are compared at ``temperature`` (1 in the official code).
+    Only the ``logits`` field exists.
+    """
+
+    trainable = False
+
+    def __init__(self, name: str, members: Sequence[str], *, criterion: Criterion = "label", temperature: float = 1.0) -> None:
+        _check_ensemble(name, members, temperature)
+        if criterion not in CRITERIA:
+            raise ValueError(f"source {name!r}: criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+        self.name = name
+        self.inputs = tuple(members)
+        self.criterion = criterion
+        self.temperature = float(temperature)
+
+    def __repr__(self) -> str:
+        return f"MostConfident({self.name!r}, members={list(self.inputs)}, criterion={self.criterion!r})"
+
+    def resolve_field(self, field: str) -> str:
+        return field
+
+    def provide(self, batch: Mapping[str, torch.Tensor], fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
+        fields = list(fields)
+        other = sorted(set(fields) - {LOGITS})
+        if other:
+            raise ValueError(f"source {self.name!r} (most_confident) answers only 'logits', not {other}")
+        target = None
+        if self.criterion == "label":
+            if TARGET not in batch:
+                raise MissingBatchKeyError(
+                    f"source {self.name!r} picks, per sample, the member most confident in the label, but the batch "
+                    f"has no '{TARGET}' (keys: {sorted(batch)}); use criterion: confidence for data without labels"
+                )
+            target = batch[TARGET]
+        logits, _ = most_confident([upstream[m][LOGITS] for m in self.inputs], target, criterion=self.criterion,
+                                   temperature=self.temperature, labelled=batch.get(LABELLED))
+        return {LOGITS: logits} if fields else {}

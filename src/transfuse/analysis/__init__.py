@@ -1,10 +1,14 @@
 """What moved: accuracy, agreement, calibration (ECE) and flips of model predictions.
 
 ``predict`` turns a model and a data set into ``(logits, targets)``; the metrics are pure
-functions of those tensors.
+functions of those tensors; ``compare`` puts two models side by side on one data set.
 """
 
-from .metrics import accuracy, agreement, expected_calibration_error, flips
+from .compare import compare, compare_logits
+from .metrics import accuracy, agreement, expected_calibration_error, flips, prediction_flips
 from .predict import predict
 
-__all__ = ["accuracy", "agreement", "expected_calibration_error", "flips", "predict"]
+__all__ = [
+    "accuracy", "agreement", "compare", "compare_logits", "expected_calibration_error", "flips", "prediction_flips",
+    "predict",
+]

@@ -59,12 +59,37 @@ def flips(before_logits: torch.Tensor, after_logits: torch.Tensor, targets: torc
 
     Returns fractions of all samples: ``positive_flips`` (wrong before, right after) and
     ``negative_flips`` (right before, wrong after). Their difference is the accuracy change.
+    :func:`prediction_flips` gives the counts as well.
+    """
+    counted = prediction_flips(before_logits, after_logits, targets)
+    return {"positive_flips": counted["positive_rate"], "negative_flips": counted["negative_rate"]}
+
+
+def prediction_flips(before_logits: torch.Tensor, after_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
+    """Prediction flips from a model ``before`` to a model ``after``, counted and as rates.
+
+    A positive flip is a sample the top-1 prediction got wrong before and right after; a
+    negative flip one it got right before and wrong after (Roth et al., ICLR 2024, count
+    these to measure knowledge gained and lost in a transfer; Yan et al., CVPR 2021, call
+    the negative ones regression errors). Returns ``samples`` (N), ``positive`` and
+    ``negative`` (counts), ``positive_rate`` and ``negative_rate`` (counts / N; their
+    difference is the accuracy change from before to after) and ``changed`` (samples whose
+    top-1 class differs, right or wrong).
+
+    Shapes: logits ``(N, C)`` each, ``targets`` ``(N,)`` integer class ids.
     """
     _check(before_logits, targets, what="before_logits")
     _check(after_logits, targets, what="after_logits")
-    right_before = before_logits.argmax(dim=1) == targets
-    right_after = after_logits.argmax(dim=1) == targets
+    pred_before, pred_after = before_logits.argmax(dim=1), after_logits.argmax(dim=1)
+    right_before, right_after = pred_before == targets, pred_after == targets
+    n = int(targets.shape[0])
+    positive = int((~right_before & right_after).sum().item())
+    negative = int((right_before & ~right_after).sum().item())
     return {
-        "positive_flips": (~right_before & right_after).float().mean().item(),
-        "negative_flips": (right_before & ~right_after).float().mean().item(),
+        "samples": n,
+        "positive": positive,
+        "negative": negative,
+        "positive_rate": positive / n,
+        "negative_rate": negative / n,
+        "changed": int((pred_before != pred_after).sum().item()),
     }
