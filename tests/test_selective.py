@@ -57,3 +57,38 @@ def test_identical_peers_teach_nothing():
 def test_float_targets_are_refused():
     with pytest.raises(ValueError, match="integer"):
         selective_kd(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0.0, 1.0]))
+
+
+def test_collaborative_scheme_is_dml_with_selective_terms(base_config, tmp_path):
+    import json
+
+    import yaml
+
+    from transfuse.cli import main
+    from transfuse.config import config_from_dict
+
+    del base_config["teacher"]
+    base_config["participants"] = {"peer": {"name": "cnn", "options": {"channels": [4, 8]}, "trainable": True}}
+    base_config["distill"] = {"method": "collaborative", "options": {"temperature": 2.0}}
+    cfg = config_from_dict(base_config)
+    terms = {t.name: (t.loss, t.input, t.target, t.options) for t in cfg.resolved_terms()}
+    assert terms == {
+        "ce_student": ("ce", "student.logits", None, {}),
+        "skd_student_from_peer": ("selective_kd", "student.logits", "peer.logits", {"temperature": 2.0}),
+        "ce_peer": ("ce", "peer.logits", None, {}),
+        "skd_peer_from_student": ("selective_kd", "peer.logits", "student.logits", {"temperature": 2.0}),
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/skd_student_from_peer", "loss/skd_peer_from_student"} <= set(rows[-1])
+    assert (tmp_path / "out" / "peer.safetensors").is_file()
+
+
+def test_collaborative_needs_two_trainable_peers(base_config):
+    from transfuse.config import ConfigError, config_from_dict
+
+    base_config["distill"] = {"method": "collaborative"}
+    with pytest.raises(ConfigError, match="'collaborative' trains two or more participants"):
+        config_from_dict(base_config)

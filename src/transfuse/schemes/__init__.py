@@ -10,7 +10,9 @@ with it, beside a label CE term) or a scheme registered here:
 * ``bdkd`` -- online KD: a trainable student and a trainable teacher; the student
   balances forward and reverse KL per sample (:mod:`.bdkd`);
 * ``kl_dp`` -- a pretrained student learns from a teacher where the teacher is more
-  confident in the label, and from its own frozen original elsewhere (:mod:`.kl_dp`).
+  confident in the label, and from its own frozen original elsewhere (:mod:`.kl_dp`);
+* ``collaborative`` -- DML's peers, but each learns from another only on the samples
+  where that one is more reliable (``selective_kd``; :mod:`.collaborative`).
 
 A scheme is only config expansion: it returns terms and sources, which then run on the
 one Distiller and the one engine like any hand-written long form.
@@ -24,6 +26,6 @@ from .base import NO_DISTILLATION, Scheme, expand
 #: Short-form methods that are schemes rather than single losses.
 SCHEMES: Registry[Scheme] = Registry("scheme")
 
-from . import bdkd, kl_dp, multi_teacher, mutual  # noqa: E402,F401  (registration happens on import)
+from . import bdkd, collaborative, kl_dp, multi_teacher, mutual  # noqa: E402,F401  (registration happens on import)
 
 __all__ = ["NO_DISTILLATION", "SCHEMES", "Scheme", "expand"]
