@@ -171,6 +171,8 @@ def test_tiny_seeded_run_trains_both(base_config, tmp_path):
     summary = run(cfg, out_dir=tmp_path / "run", quiet=True)
     assert summary["steps"] == 40 and summary["method"] == "bdkd"
     assert set(summary["terms"]) == {"ce_student", "balanced_kl", "ce_teacher", "teacher_reverse_kl"}
+    # the trained-together teacher is still the summary's teacher, with its agreement
+    assert summary["teacher"] == summary["participants"]["teacher"] and 0 < summary["agreement"] <= 1
     for name in ("student", "teacher"):
         assert summary["participants"][name]["trainable"] is True
         assert summary["participants"][name]["accuracy"] > 0.2  # 40 steps from scratch on 10 classes

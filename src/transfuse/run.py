@@ -258,7 +258,8 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
     trainable = [n for n in entries if entries[n]["trainable"]]
     frozen = [n for n in entries if not entries[n]["trainable"]]
     student = "student" if "student" in trainable else trainable[0]
-    teacher = "teacher" if "teacher" in frozen else (frozen[0] if frozen else None)
+    # The participant named `teacher` even when it trains too (online KD: bdkd), else the first frozen one.
+    teacher = "teacher" if "teacher" in entries and student != "teacher" else (frozen[0] if frozen else None)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "method": cfg.method_name,
