@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .blackbox import LabelOnlyTeacher
 from .checkpoint import CheckpointError, load_into, load_weights
 from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
 from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
@@ -157,13 +158,24 @@ def make_participants(cfg: RunConfig, splits: DataSplits) -> dict[str, Any]:
     return out
 
 
-def make_ensembles(sources: Mapping[str, Any]) -> dict[str, Ensemble | LearnedEnsemble | MostConfident]:
+def make_ensembles(
+    sources: Mapping[str, Any], participants: Mapping[str, Any] | None = None, *, num_samples: int | None = None,
+) -> dict[str, Ensemble | LearnedEnsemble | MostConfident | LabelOnlyTeacher]:
     """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble`
-    (fixed weights), :class:`~transfuse.sources.LearnedEnsemble` or
-    :class:`~transfuse.sources.MostConfident` (one member per sample) objects."""
-    out: dict[str, Ensemble | LearnedEnsemble | MostConfident] = {}
+    (fixed weights), :class:`~transfuse.sources.LearnedEnsemble`,
+    :class:`~transfuse.sources.MostConfident` (one member per sample) or
+    :class:`~transfuse.blackbox.LabelOnlyTeacher` objects. A label-only teacher wraps its
+    member's object from ``participants`` and, with ``remember``, keeps an answer for each
+    of the ``num_samples`` training samples."""
+    out: dict[str, Ensemble | LearnedEnsemble | MostConfident | LabelOnlyTeacher] = {}
     for name, s in sources.items():
-        if s.combine == "learned":
+        if s.combine == "label_only":
+            if participants is None or s.members[0] not in participants:
+                raise ValueError(f"sources.{name}: its member {s.members[0]!r} must be given as a built participant")
+            out[name] = LabelOnlyTeacher(name, participants[s.members[0]], budget=s.budget,
+                                         num_samples=num_samples if s.remember else None,
+                                         skip_labelled=bool(s.skip_labelled))
+        elif s.combine == "learned":
             out[name] = LearnedEnsemble(name, s.members, temperature=s.temperature)
         elif s.combine == "most_confident":
             out[name] = MostConfident(name, s.members, criterion=s.criterion or "label", temperature=s.temperature)
@@ -226,6 +238,8 @@ def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], b
                     f"{sorted(stored)} but not {missing}; rebuild it with `transfuse cache-teacher` for this config"
                 )
             shapes[name] = {f: tuple(stored[f].shape) for f in stored}
+        elif isinstance(source, LabelOnlyTeacher):  # one class id and one flag per sample
+            shapes[name] = {f: () for f in fields}
         else:  # an ensemble: its fields have its first member's shapes (computed before it, in this order)
             shapes[name] = shapes[source.inputs[0]]
     return shapes
@@ -287,7 +301,7 @@ def _schedule(tc: TermConfig, spec, total_steps: int):
 def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
     """Participants, sources and terms assembled; every shape and reference checked."""
     participants = make_participants(cfg, splits)
-    sources = {**participants, **make_ensembles(cfg.resolved_sources())}
+    sources = {**participants, **make_ensembles(cfg.resolved_sources(), participants, num_samples=len(train_set))}
     probe = first_batch(train_set)
     terms = make_terms(cfg.resolved_terms(), sources, probe, num_train_samples=len(train_set), total_steps=cfg.train.steps)
     distiller = Distiller(list(sources.values()), terms)

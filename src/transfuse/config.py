@@ -127,15 +127,24 @@ class EnsembleConfig(_Strict):
     with ``optim`` or the run's top-level one), or ``most_confident`` (per sample, the
     logits of the member whose probabilities at ``temperature`` are most confident by
     ``criterion``: ``label``, the probability of the sample's label, or ``confidence``,
-    the top-1 probability; ties and unlabelled samples go to the first member)."""
+    the top-1 probability; ties and unlabelled samples go to the first member), or
+    ``label_only`` (one frozen member behind a black-box interface: it answers only its
+    top-1 class, ``labels``, and ``answered``, from a budget of ``budget`` queries;
+    ``remember``: a sample once answered is answered again for free; ``skip_labelled``:
+    no query is spent on a transfer set's labelled samples)."""
 
     members: list[str] = Field(min_length=1)
-    combine: Literal["mean_probs", "mean_logits", "learned", "most_confident"] = "mean_probs"
+    combine: Literal["mean_probs", "mean_logits", "learned", "most_confident", "label_only"] = "mean_probs"
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     optim: OptimConfig | None = None
     criterion: Literal["label", "confidence"] | None = Field(
         None, description="most_confident only: how a member's confidence is judged (default: label)")
+    budget: int | None = Field(None, ge=0, description="label_only only: how many answers (queries) the teacher gives in all")
+    remember: bool | None = Field(
+        None, description="label_only only: answer a sample already asked about again from memory, for free (default: true)")
+    skip_labelled: bool | None = Field(
+        None, description="label_only only: spend no query on samples that have labels of their own (default: false)")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,10 +152,25 @@ class EnsembleConfig(_Strict):
         # Written out in the resolved config, like every other default.
         if isinstance(data, dict) and data.get("combine") == "most_confident" and data.get("criterion") is None:
             data = {**data, "criterion": "label"}
+        if isinstance(data, dict) and data.get("combine") == "label_only":
+            data = {**data, "remember": True if data.get("remember") is None else data["remember"],
+                    "skip_labelled": False if data.get("skip_labelled") is None else data["skip_labelled"]}
         return data
 
     @model_validator(mode="after")
     def _weights(self) -> "EnsembleConfig":
+        if self.combine == "label_only":
+            if self.budget is None:
+                raise ValueError("budget: a label_only source needs its query budget (budget: 2000, say)")
+            if len(self.members) != 1:
+                raise ValueError(f"members: a label_only source wraps one frozen teacher; got {len(self.members)}")
+            if self.weights is not None or self.temperature != 1.0:
+                raise ValueError("weights/temperature: a label_only source answers hard labels; it has neither")
+        else:
+            given = [k for k in ("budget", "remember", "skip_labelled") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only a label_only source (combine: label_only) has them; "
+                                 f"combine is {self.combine!r}")
         if self.combine == "most_confident":
             if self.weights is not None:
                 raise ValueError("weights: a most_confident source picks one member per sample; it has no weights")
@@ -265,10 +289,12 @@ class TermConfig(_Strict):
 
         spec = LOSSES.get(self.loss)
 
-        def complete(text: str) -> str:
-            return text if "." in text else f"{text}.{spec.inputs}"
+        def complete(text: str, field: str = spec.inputs) -> str:
+            return text if "." in text else f"{text}.{field}"
 
-        return complete(self.input), complete(self.target or "teacher") if spec.uses_teacher else None
+        # A loss whose target is another field than its input (label_only: the teacher's `labels`).
+        target_field = getattr(spec.module, "target_field", spec.inputs)
+        return complete(self.input), complete(self.target or "teacher", target_field) if spec.uses_teacher else None
 
 
 class DistillConfig(_Strict):
@@ -451,6 +477,12 @@ class RunConfig(_Strict):
                 if member not in known or member == name:
                     raise ValueError(f"sources.{name}.members: {member!r} is not a participant or another source; "
                                      f"defined: {', '.join(sorted(known))}")
+                if source.combine == "label_only" and (member not in self.participants or self.participants[member].trainable):
+                    raise ValueError(f"sources.{name}.members: {member!r} is not a frozen participant; a label_only source "
+                                     "wraps one teacher (trainable: false)")
+                if member in self.sources and self.sources[member].combine == "label_only":
+                    raise ValueError(f"sources.{name}.members: {member!r} is a label_only source; it answers hard labels "
+                                     "only, for a label_only term's target, not for other sources")
         if self.recipe.name == "alternating" and self.fabric.strategy != "auto" and self.fabric.strategy.startswith(("ddp", "fsdp")):
             raise ValueError("recipe: 'alternating' updates one participant per forward pass, which DDP/FSDP cannot "
                              "synchronise; use recipe 'default' with fabric.strategy " + repr(self.fabric.strategy))
@@ -467,6 +499,9 @@ class RunConfig(_Strict):
                 if source is not None and source.combine == "most_confident" and field != "logits":
                     raise ValueError(f"{where}: target {target!r} reads {field!r} of a most_confident source, which "
                                      "answers only 'logits' (it picks each sample's logits from one member)")
+                _check_label_only(term, target, field, source, where, sources)
+            elif term.loss == "label_only":
+                _check_label_only(term, "", "", None, where, sources)
         return self
 
     @property
@@ -512,6 +547,27 @@ def _add_original_copy(data: dict, participants: dict) -> None:
     data["participants"] = participants
 
 
+def _check_label_only(term: "TermConfig", target: str, field: str, source: "EnsembleConfig | None", where: str,
+                      sources: dict) -> None:
+    """A label_only source is read only by the label_only loss, and only its ``labels``; the
+    label_only loss reads nothing else."""
+    reads_black_box = source is not None and source.combine == "label_only"
+    if reads_black_box and field != "labels":
+        raise ValueError(f"{where}: target {target!r} reads {field!r} of a label_only source, a black-box teacher "
+                         "that answers only 'labels' (its top-1 class) and 'answered'; it never exposes logits or "
+                         "features")
+    if reads_black_box and term.loss != "label_only":
+        raise ValueError(f"{where}: loss {term.loss!r} cannot learn from {target!r}, the hard labels of a label_only "
+                         "source; use loss: label_only")
+    if term.loss == "label_only" and not reads_black_box:
+        black_boxes = sorted(n for n, s in sources.items() if s.combine == "label_only")
+        hint = (f"target one of: {', '.join(f'{n}.labels' for n in black_boxes)}" if black_boxes else
+                "add one, e.g. sources: {blackbox: {combine: label_only, members: [teacher], budget: 2000}}, and "
+                "give the term target: blackbox")
+        raise ValueError(f"{where}: loss 'label_only' learns from a label_only source's hard labels, but its target "
+                         f"{target!r} is not one; {hint}")
+
+
 def _check_ref(ref: str, where: str, role: str, participants: dict, sources: dict, *, trainable: bool) -> None:
     name = ref.split(".", 1)[0]
     if name in participants:
@@ -522,7 +578,8 @@ def _check_ref(ref: str, where: str, role: str, participants: dict, sources: dic
     if name in sources and (not trainable or sources[name].combine == "learned"):
         return
     if name in sources:
-        raise ValueError(f"{where}: {role} {ref!r} is a source with fixed weights; a term trains its input, so the input "
+        what = "a label-only teacher" if sources[name].combine == "label_only" else "a source with fixed weights"
+        raise ValueError(f"{where}: {role} {ref!r} is {what}; a term trains its input, so the input "
                          "must be a trainable participant (or a source with combine: learned)")
     defined = ", ".join(sorted([*participants, *sources]))
     hint = " (add a `teacher:` section, or a participant of that name)" if name == "teacher" else ""

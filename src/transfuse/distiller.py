@@ -18,7 +18,10 @@ weighted sum of the terms that train it}, "inputs": {participant: its term names
 * The Distiller is an ``nn.Module`` whose children are the trainable participants' models
   (``models.<name>``) and the terms' losses (``losses.<term>``, learnable parts such as
   FitNets' regressor included). Frozen participants and other sources are held outside
-  the module tree: they are in neither ``parameters()`` nor ``state_dict()``.
+  the module tree: they are in neither ``parameters()`` nor ``state_dict()``. Two kinds
+  of source are children too: learned ones (``learned.<name>``, optimised) and stateful
+  ones without parameters (``stateful.<name>``: buffers only, e.g. a label-only teacher's
+  query count), which are checkpointed and restored but never optimised.
 """
 
 from __future__ import annotations
@@ -149,6 +152,9 @@ class Distiller(nn.Module):
         self._order = [n for n in order if fields[n]]
         self._fields = {n: sorted(fields[n]) for n in self._order}
         object.__setattr__(self, "sources", {n: by_name[n] for n in self._order})
+        # Sources with state but nothing to optimise (a label-only teacher's query count and
+        # answers): in state_dict(), so checkpoints resume them exactly; never optimised.
+        self.stateful = nn.ModuleDict({n: by_name[n] for n in self._order if _is_stateful_source(by_name[n])})
         for name in self._order:
             source = by_name[name]
             if isinstance(source, Participant):
@@ -177,12 +183,19 @@ class Distiller(nn.Module):
 
     @property
     def participants(self) -> dict[str, Participant]:
-        """The participants (trainable, and frozen ones some term reads), by name."""
-        return {n: s for n, s in self.sources.items() if isinstance(s, Participant)}
+        """The participants (trainable, and frozen ones some term reads, directly or through a
+        source that runs them itself, such as a label-only teacher), by name."""
+        found = {n: s for n, s in self.sources.items() if isinstance(s, Participant)}
+        for source in self.sources.values():
+            for member in getattr(source, "members", ()):
+                if isinstance(member, Participant):
+                    found.setdefault(member.name, member)
+        return found
 
     def frozen(self) -> list[Participant]:
-        """The frozen participants that some term reads (the engine sets them up on Fabric)."""
-        return [s for s in self.sources.values() if isinstance(s, Participant) and not s.trainable]
+        """The frozen participants that some term reads, directly or through a source that runs
+        them itself (the engine sets them up on Fabric; a run trains or loads their weights)."""
+        return [s for s in self.participants.values() if not s.trainable]
 
     def outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Outputs]:
         """Every source's requested outputs for ``batch``, each source computed once."""
@@ -215,6 +228,8 @@ class Distiller(nn.Module):
         loss cannot compare fail now, naming the term and both shapes, instead of at the
         first training step. Train/eval modes are restored afterwards."""
         modes = {m: m.training for m in self.modules()}
+        # A dry run spends nothing: stateful sources (a label-only teacher's budget) get their state back.
+        saved = {k: v.clone() for k, v in self.stateful.state_dict().items()}
         self.eval()
         try:
             outs = self.outputs(batch)
@@ -232,6 +247,7 @@ class Distiller(nn.Module):
         finally:
             for module, training in modes.items():
                 module.train(training)
+            self.stateful.load_state_dict(saved)
 
     def _evaluate(self, term: Term, outs: Mapping[str, Outputs], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The term's unweighted loss on this batch's source outputs."""
@@ -252,6 +268,12 @@ def _is_learnable_source(source: object) -> bool:
     return isinstance(source, nn.Module) and not isinstance(source, Participant) and any(
         p.requires_grad for p in source.parameters()
     )
+
+
+def _is_stateful_source(source: object) -> bool:
+    """A source that is a module with buffers but no learnable parameters (a label-only teacher)."""
+    return (isinstance(source, nn.Module) and not isinstance(source, Participant) and not _is_learnable_source(source)
+            and any(True for _ in source.buffers()))
 
 
 def fields_by_source(sources: Mapping[str, Source], wanted: Mapping[str, set[str]]) -> tuple[list[str], dict[str, set[str]]]:

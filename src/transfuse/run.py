@@ -274,6 +274,9 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
         "participants": entries,
         "cached": sorted(n for n, p in cfg.participants.items() if p.cache),
         "learned_weights": {name: dict(zip(src.inputs, src.weights().tolist())) for name, src in distiller.learned.items()},
+        # Label-only teachers: the queries spent of each budget.
+        "queries": {name: {"spent": src.spent, "budget": src.budget} for name, src in distiller.stateful.items()
+                    if hasattr(src, "budget")},
     }
     summary.update(transfuse_version=__version__, torch_version=torch.__version__, git_commit=_git_commit())
     return summary

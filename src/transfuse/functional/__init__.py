@@ -22,6 +22,7 @@ CRD's pieces :func:`crd_scores`, :func:`crd_nce_loss` (used by the ``crd`` modul
 
 from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probability, Reduction, Temperature
 from .features import attention_map, attention_transfer, fitnet
+from .hard_labels import hard_label_ce
 from .logits import cross_entropy, dist, dkd, dkd_parts, kd
 from .online import bdkd, bdkd_parts, bdkd_weights, entropy
 from .reduce import reduce_positions, weigh_positions
@@ -40,6 +41,6 @@ from .relations import (
 __all__ = [
     "LabelSmoothing", "NonNegative", "Positive", "PositiveInt", "Probability", "Reduction", "Temperature",
     "attention_map", "attention_transfer", "bdkd", "bdkd_parts", "bdkd_weights", "crd_nce_loss", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts", "entropy",
-    "fitnet", "kd", "more_reliable", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
+    "fitnet", "hard_label_ce", "kd", "more_reliable", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
     "selective_kd", "similarity_preserving", "weigh_positions",
 ]
