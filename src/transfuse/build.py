@@ -271,9 +271,12 @@ def make_terms(
         used.add(name)
         s_shape = shapes[inp.source][sources[inp.source].resolve_field(inp.field)]
         t_shape = shapes[tgt.source][sources[tgt.source].resolve_field(tgt.field)] if tgt is not None else None
+        options = dict(tc.options)
+        if "total_steps" in spec.option_names():  # a loss with a schedule over the run (TAID, CTKD)
+            options.setdefault("total_steps", total_steps)
         try:
             loss = spec.from_shapes(student_shape=s_shape, teacher_shape=t_shape, num_train_samples=num_train_samples,
-                                    **tc.options)
+                                    **options)
         except (ValueError, TypeError) as err:
             # A loss sized from shapes it cannot join (FitNets from a conv map to a flat
             # feature): known before anything trains, and the user's to fix in the config.

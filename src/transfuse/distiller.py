@@ -205,6 +205,13 @@ class Distiller(nn.Module):
         return outs
 
     def forward(self, batch: Mapping[str, torch.Tensor], step: int = 0) -> dict[str, object]:
+        if self.training:
+            # Losses with per-step state (TAID's t, CTKD's curriculum) learn the optimizer step
+            # here, on every micro-batch; they do their per-step work once per step.
+            for loss in self.losses.values():
+                begin_step = getattr(loss, "begin_step", None)
+                if begin_step is not None:
+                    begin_step(step)
         outs = self.outputs(batch)
         total: torch.Tensor | float = 0.0
         parts: dict[str, torch.Tensor] = {}
@@ -336,7 +343,10 @@ def _needs(term: Term, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             "Datasets built by transfuse.data provide 'input', 'target', 'index' and 'sample_id'; a custom dataset "
             "must return them too."
         )
-    return {k: batch[k] for k in term.needs}
+    needs = {k: batch[k] for k in term.needs}
+    # Entries a loss reads where the batch has them (a mixup's partner labels) and does without otherwise.
+    needs.update({k: batch[k] for k in getattr(term.loss, "optional_needs", ()) if k in batch})
+    return needs
 
 
 def _check_pair(term: Term, student: torch.Tensor, teacher: torch.Tensor) -> None:

@@ -21,12 +21,15 @@ CRD's pieces :func:`crd_scores`, :func:`crd_nce_loss` (used by the ``crd`` modul
 """
 
 from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probability, Reduction, Temperature
+from .ctkd import ctkd, ctkd_temperature, reverse_gradient
 from .features import attention_map, attention_transfer, fitnet
 from .hard_labels import hard_label_ce
 from .logits import cross_entropy, dist, dkd, dkd_parts, kd
+from .mixkd import mixkd, std_normalise
 from .online import bdkd, bdkd_parts, bdkd_weights, entropy
 from .reduce import reduce_positions, weigh_positions
 from .selective import more_reliable, selective_kd
+from .taid import taid, taid_target
 from .relations import (
     crd_nce_loss,
     crd_scores,
@@ -42,5 +45,6 @@ __all__ = [
     "LabelSmoothing", "NonNegative", "Positive", "PositiveInt", "Probability", "Reduction", "Temperature",
     "attention_map", "attention_transfer", "bdkd", "bdkd_parts", "bdkd_weights", "crd_nce_loss", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts", "entropy",
     "fitnet", "hard_label_ce", "kd", "more_reliable", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
-    "selective_kd", "similarity_preserving", "weigh_positions",
+    "selective_kd", "similarity_preserving", "weigh_positions", "ctkd", "ctkd_temperature", "reverse_gradient",
+    "mixkd", "std_normalise", "taid", "taid_target",
 ]

@@ -10,6 +10,8 @@ options model built from the typed signature, and the module to build
   functions wrapped by the generic :class:`FunctionLoss`;
 * the hint map: ``fitnet`` (:class:`FitNet`, a learnable regressor), ``at`` (function);
 * peers trained together: ``balanced_kl`` (BD-KD), ``selective_kd`` (KD only where the peer is more reliable on the sample);
+* logits, with state or a batch transform: ``taid`` (adaptive interpolation), ``ctkd``
+  (a learned, adversarial temperature), ``mixkd`` (std-normalised logits, mixed labels);
 * black-box teachers: ``label_only`` (cross-entropy with a label-only teacher's answers);
 * the penultimate feature: ``sp``, ``rkd``, ``pkt`` (functions) and ``crd`` (:class:`CRD`,
   embeddings and memory banks), all batch-relation.
@@ -17,7 +19,7 @@ options model built from the typed signature, and the module to build
 ``docs/methods.md`` gives each one's formula, options, default weights and paper.
 """
 
-from . import crd, features, hard_labels, logits, online, relations, selective  # noqa: F401  (registration happens on import)
+from . import crd, ctkd, features, hard_labels, logits, mixkd, online, relations, selective, taid  # noqa: F401  (registration happens on import)
 from .base import LOSSES, LossSpec, ScheduleDefault, describe_losses, register_loss
 from .crd import CRD
 from .features import FitNet, build_regressor

@@ -32,9 +32,15 @@ class DistillLoss(nn.Module):
     * ``uses_teacher`` -- False for supervised terms (CE) that never look at the teacher;
       a run whose terms all have ``uses_teacher=False`` never runs the teacher.
     * ``positionwise`` -- False for a batch-relation loss (mask selects samples, weights refused).
+    * ``optional_needs`` -- batch keys passed only where the batch has them.
+
+    A loss with per-step state may define ``begin_step(step)``: the Distiller calls it in
+    training mode before each forward pass (every micro-batch), with the optimizer step.
     """
 
     needs: ClassVar[tuple[str, ...]] = ()
+    #: Batch entries passed only where the batch has them (a mixup's ``target_b``, ``lam``).
+    optional_needs: ClassVar[tuple[str, ...]] = ()
     uses_teacher: ClassVar[bool] = True
     positionwise: ClassVar[bool] = True
 
