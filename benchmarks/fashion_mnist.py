@@ -84,6 +84,8 @@ def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | 
         cfg["data"]["transfer"] = "rest"
     if method == "kd_cached":
         cfg["teacher"]["cache"] = outputs
+    if method == "mixkd":  # MIX-KD is its loss plus partial mixup of the batch (the teacher sees the mixed inputs)
+        cfg["transforms"] = [{"name": "partial_mixup", "options": {}}]
     if method == "fitnet" and student["name"] == "mlp":
         # An MLP has no (C, H, W) map to regress onto the CNN teacher's hint map: its first
         # hidden layer regresses onto the teacher's penultimate embedding instead.
