@@ -34,22 +34,25 @@ from transfuse.registry import Registry, UnknownNameError
 BATCH, CLASSES, NUM_TRAIN = 8, 10, 64
 
 #: Per-sample (student, teacher) shapes for each kind of input a method compares.
-SHAPES = {"logits": ((CLASSES,), (CLASSES,)), "feature": ((16,), (32,)), "hint": ((4, 8, 8), (8, 8, 8))}
+SHAPES = {"logits": ((CLASSES,), (CLASSES,)), "feature": ((16,), (32,)), "hint": ((4, 8, 8), (8, 8, 8)), "map": ((4, 4, 4), (8, 4, 4))}
 
 #: Losses that are not ~0 when the student equals the teacher, and why.
 NOT_ZERO_AT_EQUALITY = {
+    "mixkd": "its term includes the CE with the (mixed) labels",
     "ce": "compares with the labels, not the teacher",
     "crd": "a contrastive bound: positive > 0 even for identical embeddings",
     "fitnet": "the regressor is random at initialisation (identity case tested below)",
+    "label_only": "hard labels carry no confidence: CE against the student's own argmax is > 0",
 }
 
 #: The papers' default weights (term weight, CE weight beside it) and inputs, pinned.
 DEFAULTS = {
     "ce": (1.0, 0.0, "logits"), "kd": (0.9, 0.1, "logits"), "dkd": (1.0, 1.0, "logits"),
     "dist": (2.0, 1.0, "logits"), "dist_t4": (2.0, 1.0, "logits"),
-    "selective_kd": (1.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
-    "sp": (3000.0, 1.0, "feature"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
-    "crd": (0.8, 1.0, "feature"),
+    "selective_kd": (1.0, 1.0, "logits"), "balanced_kl": (1.0, 1.0, "logits"), "fitnet": (100.0, 1.0, "hint"), "at": (1000.0, 1.0, "hint"),
+    "sp": (3000.0, 1.0, "map"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
+    "crd": (0.8, 1.0, "feature"), "label_only": (1.0, 0.0, "logits"),
+    "taid": (1.0, 0.0, "logits"), "ctkd": (0.9, 0.1, "logits"), "mixkd": (1.0, 0.0, "logits"),
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.
@@ -73,6 +76,8 @@ def batch_for(name: str, *, same: bool = False) -> tuple[torch.Tensor, torch.Ten
     s_shape, t_shape = SHAPES[spec.inputs]
     student = torch.randn(BATCH, *s_shape, requires_grad=True)
     teacher = student.detach().clone() if same else torch.randn(BATCH, *t_shape)  # requires_grad=False
+    if getattr(spec.module, "target_field", None) == "labels":  # a label-only teacher answers class ids
+        teacher = teacher.argmax(-1)
     needs = {"target": torch.randint(CLASSES, (BATCH,)), "index": torch.randperm(NUM_TRAIN)[:BATCH]}
     return student, teacher if spec.uses_teacher else None, {k: needs[k] for k in spec.needs}
 
@@ -98,7 +103,7 @@ def test_contract_teacher_that_requires_grad(name):
     torch.manual_seed(0)
     loss = build(name)
     student, teacher, needs = batch_for(name)
-    if teacher is not None:
+    if teacher is not None and teacher.is_floating_point():  # class ids (label_only) carry no gradient
         teacher = teacher.clone().requires_grad_(True)
     loss(student, teacher, **needs).backward()
     assert student.grad is not None and torch.isfinite(student.grad).all()
@@ -159,7 +164,7 @@ def test_registry_metadata(name):
     spec = entry.obj
     assert isinstance(spec, LossSpec) and LOSSES.get(name) is spec and spec.name == name
     assert spec.kind in {"logits", "feature", "relation"}
-    assert spec.inputs in {"logits", "feature", "hint"}
+    assert spec.inputs in {"logits", "feature", "hint", "map"}
     assert "https://arxiv.org/abs/" in spec.paper
     assert spec.summary and entry.summary == spec.summary and inspect.getdoc(spec.module)
     assert isinstance(spec.weight, float) and spec.weight > 0
@@ -199,7 +204,7 @@ def test_describe_losses():
     assert kd["needs"] == [] and kd["uses_teacher"] is True and kd["positionwise"] is True and kd["schedule"] is None
     assert "temperature" in kd["options"] and "> 0" in kd["options"]["temperature"]
     assert rows["ce"]["uses_teacher"] is False and rows["ce"]["needs"] == ["target"]
-    assert rows["crd"]["needs"] == ["index"] and rows["crd"]["positionwise"] is False
+    assert rows["crd"]["needs"] == ["index", "target"] and rows["crd"]["positionwise"] is False
     import json
 
     json.dumps(list(rows.values()))  # plain data
@@ -302,8 +307,9 @@ def test_default_options_match_the_papers():
     assert LOSSES.get("ce").build().label_smoothing == 0.0
     crd = CRD()
     assert (crd.feat_dim, crd.num_negatives, crd.nce_temperature, crd.momentum) == (128, 16384, 0.07, 0.5)
+    assert crd.negatives == "exact"
     assert LOSSES.get("ce").uses_teacher is False and LOSSES.get("ce").needs == ("target",)
-    assert LOSSES.get("dkd").needs == ("target",) and LOSSES.get("crd").needs == ("index",)
+    assert LOSSES.get("dkd").needs == ("target",) and LOSSES.get("crd").needs == ("index", "target")
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,14 +471,15 @@ def test_crd_builds_banks_as_checkpointed_buffers():
 def test_crd_updates_memory_only_in_training():
     loss = _crd()
     s, tt, index = torch.randn(BATCH, 16), torch.randn(BATCH, 32), torch.arange(BATCH) * 3
+    y = torch.arange(BATCH) % CLASSES
     before = {k: v.clone() for k, v in loss.state_dict().items()}
 
     loss.eval()
-    loss(s, tt, index=index)
+    loss(s, tt, index=index, target=y)
     assert all(torch.equal(before[k], v) for k, v in loss.state_dict().items())
 
     loss.train()
-    value = loss(s, tt, index=index)
+    value = loss(s, tt, index=index, target=y)
     value.backward()  # the update must not break the graph built before it
     after = loss.state_dict()
     for bank in ("student_memory", "teacher_memory"):
@@ -482,7 +489,7 @@ def test_crd_updates_memory_only_in_training():
     assert after["z_student"] > 0 and after["z_teacher"] > 0
     # Z is estimated once and then fixed.
     z = after["z_student"].clone()
-    loss(s, tt, index=index)
+    loss(s, tt, index=index, target=y)
     assert torch.equal(loss.z_student, z)
 
 
@@ -490,7 +497,7 @@ def test_crd_gradients_reach_heads_not_teacher_features():
     loss = _crd()
     s = torch.randn(BATCH, 16, requires_grad=True)
     tt = torch.randn(BATCH, 32, requires_grad=True)  # even a teacher that asks for gradients
-    loss(s, tt.detach(), index=torch.arange(BATCH)).backward()
+    loss(s, tt.detach(), index=torch.arange(BATCH), target=torch.arange(BATCH) % CLASSES).backward()
     assert tt.grad is None
     assert loss.embed_teacher.weight.grad.abs().sum() > 0 and loss.embed_student.weight.grad.abs().sum() > 0
     assert s.grad.abs().sum() > 0
@@ -501,7 +508,8 @@ def test_crd_is_seeded_deterministic():
         loss = _crd(seed)
         torch.manual_seed(seed + 100)
         s, tt = torch.randn(BATCH, 16), torch.randn(BATCH, 32)
-        values = [loss(s, tt, index=torch.arange(BATCH) + i).item() for i in range(3)]
+        y = torch.arange(BATCH) % CLASSES
+        values = [loss(s, tt, index=torch.arange(BATCH) + i, target=y).item() for i in range(3)]
         return values, loss.state_dict()
 
     (v1, st1), (v2, st2), (v3, _) = run(0), run(0), run(1)
@@ -509,24 +517,28 @@ def test_crd_is_seeded_deterministic():
     assert v1 != v3
 
 
-def test_crd_clamps_negatives_to_bank_size():
+def test_crd_draws_more_negatives_than_rows_with_replacement():
+    # The official sampler draws with replacement when K exceeds the other-class rows: no clamping.
     loss = CRD.from_shapes(student_shape=(4,), teacher_shape=(4,), num_train_samples=5, num_negatives=100)
-    assert torch.isfinite(loss(torch.randn(3, 4), torch.randn(3, 4), index=torch.tensor([0, 1, 4])))
+    index, y = torch.tensor([0, 1, 4]), torch.tensor([0, 1, 1])
+    assert torch.isfinite(loss(torch.randn(3, 4), torch.randn(3, 4), index=index, target=y))
+    assert loss._draw_negatives(index, y).shape == (3, 100)
 
 
 def test_crd_mask_keeps_selected_samples_and_refuses_weights():
     loss = _crd()
     s, tt, index = torch.randn(BATCH, 16), torch.randn(BATCH, 32), torch.arange(BATCH)
+    y = torch.arange(BATCH) % CLASSES
     mask = torch.arange(BATCH) < 3
     before = {k: v.clone() for k, v in loss.state_dict().items()}
     loss.train()
-    loss(s, tt, index=index, mask=mask)
+    loss(s, tt, index=index, target=y, mask=mask)
     changed = (loss.student_memory != before["student_memory"]).any(dim=1)
     assert changed[:3].all() and not changed[3:].any()  # only the kept samples update the bank
     with pytest.raises(ValueError, match="batch-relation"):
-        loss(s, tt, index=index, weights=torch.ones(BATCH))
+        loss(s, tt, index=index, target=y, weights=torch.ones(BATCH))
     z = loss.z_student.clone()
-    assert loss(s, tt, index=index, mask=torch.zeros(BATCH, dtype=torch.bool)).item() == 0.0
+    assert loss(s, tt, index=index, target=y, mask=torch.zeros(BATCH, dtype=torch.bool)).item() == 0.0
     assert torch.equal(loss.z_student, z)
 
 

@@ -42,8 +42,10 @@ def test_zoo_model_predicts_and_exposes_taps(name, shape):
     assert model(x).shape == (3, 7)
     feature = _tapped(model, model.feature_layer, x)
     hint = _tapped(model, model.hint_layer, x)
+    last_map = _tapped(model, model.map_layer, x)
     assert feature.shape == (3, model.classifier.in_features)  # the classifier's input, (B, D)
     assert hint.dim() == HINT_RANK.get(name, 4) and hint.shape[0] == 3
+    assert last_map.dim() == HINT_RANK.get(name, 4) and last_map.shape[0] == 3
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -114,9 +116,12 @@ def test_cnn_stops_pooling_at_2x2_and_can_drop_batch_norm():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_resnet_hint_is_the_last_stage():
+def test_resnet_hint_is_the_middle_stage_and_map_the_last():
+    # RepDistiller's and mdistiller's FitNets tap feats[2] (layer2); SP taps the last stage.
     model = build_model("resnet", input_shape=(3, 28, 28), num_classes=10, depth=8, width=4)
-    assert _tapped(model, model.hint_layer, torch.randn(2, 3, 28, 28)).shape == (2, 16, 7, 7)
+    assert (model.hint_layer, model.map_layer) == ("layer2", "layer3")
+    assert _tapped(model, model.hint_layer, torch.randn(2, 3, 28, 28)).shape == (2, 8, 14, 14)
+    assert _tapped(model, model.map_layer, torch.randn(2, 3, 28, 28)).shape == (2, 16, 7, 7)
 
 
 def test_vision_models_say_how_to_install(monkeypatch):

@@ -30,7 +30,7 @@ from .taps import FeatureTaps
 
 LOGITS = "logits"
 #: Field aliases a reference may use; each model names the module path behind them.
-FIELD_ALIASES = {"feature": "feature_layer", "hint": "hint_layer"}
+FIELD_ALIASES = {"feature": "feature_layer", "hint": "hint_layer", "map": "map_layer"}
 
 Outputs = dict[str, torch.Tensor]
 
@@ -80,7 +80,7 @@ class Participant:
         return f"Participant({self.name!r}, {type(self.model).__name__}, {kind})"
 
     def resolve_field(self, field: str) -> str:
-        """``logits``, a module path, or an alias (``feature``, ``hint``) resolved to the model's declared path."""
+        """``logits``, a module path, or an alias (``feature``, ``hint``, ``map``) resolved to the model's declared path."""
         if field in FIELD_ALIASES:
             path = getattr(self.model, FIELD_ALIASES[field], None)
             if not path:

@@ -32,6 +32,7 @@ from .selective import more_reliable, selective_kd
 from .taid import taid, taid_target
 from .relations import (
     crd_nce_loss,
+    crd_nce_with_gradient,
     crd_scores,
     pairwise_distances,
     pkt,
@@ -43,7 +44,7 @@ from .relations import (
 
 __all__ = [
     "LabelSmoothing", "NonNegative", "Positive", "PositiveInt", "Probability", "Reduction", "Temperature",
-    "attention_map", "attention_transfer", "bdkd", "bdkd_parts", "bdkd_weights", "crd_nce_loss", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts", "entropy",
+    "attention_map", "attention_transfer", "bdkd", "bdkd_parts", "bdkd_weights", "crd_nce_loss", "crd_nce_with_gradient", "crd_scores", "cross_entropy", "dist", "dkd", "dkd_parts", "entropy",
     "fitnet", "hard_label_ce", "kd", "more_reliable", "pairwise_distances", "pkt", "reduce_positions", "rkd", "rkd_angle", "rkd_distance",
     "selective_kd", "similarity_preserving", "weigh_positions", "ctkd", "ctkd_temperature", "reverse_gradient",
     "mixkd", "std_normalise", "taid", "taid_target",

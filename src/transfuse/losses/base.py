@@ -26,7 +26,7 @@ from .module import DistillLoss, FunctionLoss
 from .options import describe_field, options_model, validate, with_defaults
 
 KINDS = ("logits", "feature", "relation")
-INPUTS = ("logits", "feature", "hint")
+INPUTS = ("logits", "feature", "hint", "map")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Registered feature losses: FitNets (with its learnable regressor) and attention transfer.
 
+Both read the ``hint`` (a zoo model's middle stage). Attention transfer's official code
+sums the loss over every stage's output (``feat[1:-1]``); here one term compares one pair,
+so add one term per stage (``input: student.layer1``, ...) for the full form.
+
 Both are position-wise: one value per sample (or per token for FitNets with a ``(B, T)``
 mask), reduced with the shared rule (``mask``, ``weights``).
 """
@@ -76,6 +80,11 @@ def build_regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ..
 )
 class FitNet(DistillLoss):
     """FitNets: ``mean((r(F_s) - F_t)^2)`` with a learnable regressor ``r``.
+
+    Default input: the ``hint`` of both models, which zoo models declare as their middle
+    stage (``layer2`` of ``resnet``/``wrn``, block ``ceil(n/2)`` of ``cnn``): the official
+    code's ``--hint_layer 2`` (RepDistiller) / ``HINT_LAYER: 2`` (mdistiller), index 2 of
+    ``[stem, stage1, stage2, stage3, pooled]``, and the paper's "middle layer".
 
     ``from_shapes`` builds ``r`` from the student's and teacher's per-sample shapes (see
     :func:`build_regressor`). Built directly (``FitNet()``), ``r`` is the identity, so the

@@ -1,6 +1,14 @@
-"""Registered relation losses on the penultimate embedding: SP, RKD, PKT (CRD is in ``crd.py``).
+"""Registered relation losses: SP, RKD, PKT (CRD is in ``crd.py``).
 
 All three are batch-relation losses: a mask selects the samples, weights are refused.
+
+Which layer the official code bases (RepDistiller, mdistiller) compare: RKD and PKT the
+pooled embedding (``feat[-1]`` / ``pooled_feat``), the ``feature`` input here; SP the last
+stage's map before pooling (``feat[-2]`` / ``feats[-1]``), which the zoo models declare as
+``map_layer``. A reference can only name ``logits``, ``feature``, ``hint`` or a module
+path, so SP's default input stays ``feature`` (the map, average-pooled); for the official
+layer point the term at the map: ``input: student.<map_layer>``, ``target:
+teacher.<map_layer>`` (``layer3`` for ``resnet``/``wrn``, ``features.block<n>`` for ``cnn``).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ register_loss(
     paper="Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019, https://arxiv.org/abs/1907.09682",
     weight=3000.0,
     ce_weight=1.0,
-    inputs="feature",
+    inputs="map",
     positionwise=False,
 )
 

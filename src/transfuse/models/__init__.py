@@ -2,8 +2,9 @@
 
 Registered names (``MODELS``): ``mlp``, ``cnn``, ``resnet``, ``wrn``, ``hf``, ``timm``,
 ``torchvision``. Every built-in model maps ``(B, *input_shape)`` to logits
-``(B, num_classes)`` and declares ``feature_layer`` (penultimate embedding ``(B, D)``)
-and ``hint_layer`` (an intermediate map) as module paths; see ``docs/models-and-data.md``.
+``(B, num_classes)`` and declares ``feature_layer`` (penultimate embedding ``(B, D)``),
+``hint_layer`` (the middle stage, FitNets' hint) and ``map_layer`` (the last map before
+pooling, SP's layer) as module paths; see ``docs/models-and-data.md``.
 """
 
 from . import cnn, hf, mlp, resnet, vision  # noqa: F401  (importing registers the models)

@@ -29,7 +29,8 @@ class SmallCNN(nn.Module):
     """Conv blocks, global average pooling, an optional hidden layer and a linear classifier.
 
     Module paths: ``features.block{i}`` (``i`` from 1), ``pool``, ``flatten``, ``hidden``,
-    ``embedding`` (the classifier's input, ``(B, D)``) and ``classifier``.
+    ``embedding`` (the classifier's input, ``(B, D)``) and ``classifier``. Taps: ``hint_layer``
+    the middle block (``ceil(n / 2)``), ``map_layer`` the last, ``feature_layer`` the embedding.
     With ``global_pool=False`` the last map is flattened instead of averaged: a shallow
     CNN on 28x28 images needs the spatial layout (about 80 % vs 90 % on Fashion-MNIST).
     """
@@ -56,7 +57,10 @@ class SmallCNN(nn.Module):
         self.embedding = nn.Identity()
         self.classifier = nn.Linear(hidden or flat, num_classes)
         self.feature_layer = "embedding"
-        self.hint_layer = f"features.block{len(channels)}"
+        # FitNets' hint is the middle stage (block ceil(n/2): block 1 of 2, at half the depth);
+        # the last block's output is the map before pooling.
+        self.hint_layer = f"features.block{(len(channels) + 1) // 2}"
+        self.map_layer = f"features.block{len(channels)}"
         init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +85,11 @@ def cnn(
     builds a BN-free model (no running statistics to synchronise across processes);
     ``global_pool``: average the last map over space (True) or flatten it (False).
 
-    Taps: ``hint_layer`` = last conv block's output ``(B, C, H, W)``; ``feature_layer`` = the
-    embedding ``(B, D)`` with ``D = hidden or channels[-1]`` (``hidden or C*H*W`` unpooled).
+    Taps: ``hint_layer`` = the middle conv block's output, block ``ceil(n / 2)`` of ``n``
+    (block 1 of the default 2: the official FitNets code's middle stage, at half the depth)
+    ``(B, C, H, W)``; ``map_layer`` = the last conv block's output (the map before pooling);
+    ``feature_layer`` = the embedding ``(B, D)`` with ``D = hidden or channels[-1]``
+    (``hidden or C*H*W`` unpooled).
     """
     shape = image_shape(input_shape, model="cnn")
     widths = positive_ints(channels, option="channels", model="cnn")

@@ -63,6 +63,7 @@ class HFClassifier(nn.Module):
         # (e.g. the [CLS] slice); name a module path instead.
         self.feature_layer: str | None = None
         self.hint_layer: str | None = None
+        self.map_layer: str | None = None
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, dict):

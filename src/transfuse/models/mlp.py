@@ -40,10 +40,12 @@ class MLP(nn.Module):
         self.embedding = nn.Identity()
         self.classifier = nn.Linear(width, num_classes)
         # The penultimate embedding is the last activation's output (before dropout, so a
-        # feature loss sees the same vector in train and eval mode); the hint is the first one.
-        # With no hidden layer both fall back to the flattened input.
+        # feature loss sees the same vector in train and eval mode); the hint is the middle
+        # one, ceil(L / 2); an MLP has no conv map, so its "last map" is the last hidden layer.
+        # With no hidden layer all fall back to the flattened input.
         self.feature_layer = f"layers.act{len(hidden)}" if hidden else "flatten"
-        self.hint_layer = "layers.act1" if hidden else "flatten"
+        self.hint_layer = f"layers.act{(len(hidden) + 1) // 2}" if hidden else "flatten"
+        self.map_layer = self.feature_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)  # (B, prod(input_shape))
@@ -63,8 +65,10 @@ def mlp(
     """An :class:`MLP`. ``hidden``: widths of the hidden layers (``[]``: a linear classifier);
     ``activation``: ``relu`` or ``gelu``; ``dropout``: probability after each activation.
 
-    Taps: ``feature_layer`` = last hidden activation ``(B, hidden[-1])``, ``hint_layer`` =
-    first hidden activation ``(B, hidden[0])``.
+    Taps: ``feature_layer`` = last hidden activation ``(B, hidden[-1])``; ``hint_layer`` = the
+    middle hidden activation, layer ``ceil(L / 2)`` of ``L`` (the first for one or two);
+    ``map_layer`` = ``feature_layer`` (an MLP has no conv map; SP's official layer is the
+    last one before pooling, and the last hidden layer stands in for it).
     """
     widths = positive_ints(hidden, option="hidden", model="mlp")  # [] is allowed
     if activation not in _ACTIVATIONS:

@@ -66,7 +66,10 @@ class CifarResNet(nn.Module):
         self.embedding = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
         self.feature_layer = "embedding"
-        self.hint_layer = "layer3"
+        # The official code bases' stage indices: feats[2] (FitNets' hint) = layer2,
+        # feats[-2] / feats[-1] before pooling (SP) = layer3.
+        self.hint_layer = "layer2"
+        self.map_layer = "layer3"
         init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,9 @@ def resnet(
     of the first stage (stages are ``[width, 2*width, 4*width]``); ``stem_width``: channels of
     the stem (default ``width``). resnet8x4/resnet32x4 of the KD benchmarks: ``width=64, stem_width=32``.
 
-    Taps: ``hint_layer`` = ``layer3`` output ``(B, 4*width, H/4, W/4)``; ``feature_layer`` = the
+    Taps: ``hint_layer`` = ``layer2`` output ``(B, 2*width, H/2, W/2)`` (FitNets' middle stage,
+    ``hint_layer: 2`` in RepDistiller and mdistiller); ``map_layer`` = ``layer3`` output
+    ``(B, 4*width, H/4, W/4)`` (the map before pooling, SP's layer); ``feature_layer`` = the
     pooled embedding ``(B, 4*width)``.
     """
     c, _, _ = image_shape(input_shape, model="resnet")
@@ -143,9 +148,11 @@ class WideResNet(nn.Module):
         self.embedding = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
         self.feature_layer = "embedding"
-        # Pre-activation blocks leave the stage output un-normalised; the hint is the last
-        # stage after its closing BN-ReLU: the map that pooling sees.
-        self.hint_layer = "final"
+        # The stages' raw outputs, as the official code bases tap them (pre-activation blocks
+        # leave them un-normalised; FitNets' regressor has no ReLU by default, so it can
+        # match them): layer2 is FitNets' hint, layer3 (before the closing BN-ReLU) SP's map.
+        self.hint_layer = "layer2"
+        self.map_layer = "layer3"
         init_conv_bn(self)
         nn.init.zeros_(self.classifier.bias)
 
@@ -165,8 +172,10 @@ def wrn(
     """A :class:`WideResNet`. ``depth``: 6n+4 (10, 16, 22, 28, 40, ...); ``widen_factor``: k;
     ``dropout``: between the two convolutions of each block (the paper uses 0.3 on CIFAR).
 
-    Taps: ``hint_layer`` = last stage after the closing BN-ReLU ``(B, 64k, H/4, W/4)``;
-    ``feature_layer`` = the pooled embedding ``(B, 64k)``.
+    Taps: ``hint_layer`` = ``layer2`` output ``(B, 32k, H/2, W/2)`` (FitNets' middle stage, raw
+    as in the official code); ``map_layer`` = ``layer3`` output before the closing BN-ReLU
+    ``(B, 64k, H/4, W/4)`` (SP's layer in the official code); ``feature_layer`` = the pooled
+    embedding ``(B, 64k)``.
     """
     c, _, _ = image_shape(input_shape, model="wrn")
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
