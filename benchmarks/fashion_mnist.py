@@ -56,6 +56,8 @@ CLAIMS = {
     "ctkd": "improves KD by learning the temperature",
     "mixkd": "std-temperature + partial mixup beats KD",
 }
+#: The claims above that are made against training without a teacher, not against KD.
+CLAIMS_VS_NONE = {"at", "sp", "rkd", "pkt"}
 SPATIAL_ONLY = {"at"}
 # Variants of KD that only make sense where labels are scarce, or that need the teacher-output cache:
 # `kd_cached` is KD with the teacher answered from disk (the same numbers as `kd`, at the cost of the
@@ -118,16 +120,19 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def verdict(method: str, vs_kd: list[float]) -> str:
-    """Whether this run supports the claim "beats KD": the paired mean gain over KD must
+def verdict(method: str, vs_kd: list[float], vs_none: list[float] | None = None) -> str:
+    """Whether this run supports the method's claim: the paired mean gain over the claim's
+    baseline (KD, or training without a teacher for the claims in CLAIMS_VS_NONE) must
     exceed its standard deviation over seeds (with one seed: be positive)."""
-    if method not in CLAIMS or not vs_kd:
+    gains = vs_none if method in CLAIMS_VS_NONE else vs_kd
+    if method not in CLAIMS or not gains:
         return "-"
-    gain = statistics.mean(vs_kd)
-    spread = statistics.stdev(vs_kd) if len(vs_kd) > 1 else 0.0
+    gain = statistics.mean(gains)
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    baseline = "no teacher" if method in CLAIMS_VS_NONE else "KD"
     if gain > spread:
         return "yes"
-    return "no (within noise)" if gain > -spread else "no (worse than KD)"
+    return "no (within noise)" if gain > -spread else f"no (worse than {baseline})"
 
 
 def table(results: list[dict], seeds: list[int]) -> str:
@@ -164,7 +169,7 @@ def table(results: list[dict], seeds: list[int]) -> str:
                 f"| {method} | {mean_std(acc)} | {mean_std(delta) if delta and method != 'none' else '-'} | "
                 f"{mean_std(vs_kd) if vs_kd else '-'} | "
                 f"{mean_std(agree) if agree else '-'} | {statistics.mean(ece):.3f} | {statistics.mean(secs):.1f} | "
-                f"{CLAIMS.get(method, '-')} | {verdict(method, vs_kd)} |"
+                f"{CLAIMS.get(method, '-')} | {verdict(method, vs_kd, delta)} |"
             )
         lines.append("")
     lines.append(f"Seeds: {', '.join(map(str, seeds))}. Δ is paired by seed (same data subset and initialisation).")

@@ -71,3 +71,7 @@ def test_benchmark_table_states_each_claim_and_whether_this_run_confirms_it():
     assert rows["dist"].endswith("| no (within noise) |")
     assert rows["crd"].endswith("| no (worse than KD) |")
     assert rows["kd"].endswith("| - | - |") and bench["CLAIMS"]["dkd"] in rows["dkd"]
+    # a claim against training without a teacher is judged against `none`, not KD
+    results += [cell("sp", 0, 0.815), cell("sp", 1, 0.816)]       # below KD, +1.5 over none
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench["table"](results, [0, 1]).splitlines() if line.startswith("| ")}
+    assert rows["sp"].endswith("| yes |")
