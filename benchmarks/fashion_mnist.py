@@ -24,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Iterator
 
 TEACHER = {
     "name": "cnn",
@@ -111,6 +112,19 @@ def _one(args: tuple) -> dict:
 
         shutil.rmtree(out_dir)
     return run(config_from_dict(cfg_dict, source=cfg_dict["name"]), out_dir=out_dir, quiet=True)
+
+
+def run_cells(cells: list[tuple], *, jobs: int, label) -> Iterator[tuple]:
+    """Run ``(key, (config, out_dir))`` cells in ``jobs`` processes (one thread each), yielding
+    ``(key, summary)`` as they finish and printing a progress line ``label(key)``."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_one, job): key for key, job in cells}
+        for i, fut in enumerate(as_completed(futures), 1):
+            key, summary = futures[fut], fut.result()
+            print(f"[{i}/{len(cells)}] {label(key)}: {100 * summary['student']['accuracy']:.2f} % "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            yield key, summary
 
 
 def mean_std(values: list[float]) -> str:
@@ -215,16 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cache_teacher(config_from_dict(warm), out / "_teacher-outputs", quiet=True)
 
-    t0 = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(_one, job): key for key, job in cells}
-        for i, fut in enumerate(as_completed(futures), 1):
-            setting, method, seed = futures[fut]
-            summary = fut.result()
-            results.append({"setting": setting, "method": method, "seed": seed, "summary": summary})
-            print(f"[{i}/{len(cells)}] {setting:>8} {method:>6} seed {seed}: "
-                  f"{100 * summary['student']['accuracy']:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for (setting, method, seed), summary in run_cells(cells, jobs=args.jobs, label=lambda k: f"{k[0]:>8} {k[1]:>6} seed {k[2]}"):
+        results.append({"setting": setting, "method": method, "seed": seed, "summary": summary})
     results.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), METHODS.index(r["method"]), r["seed"]))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     md = table(results, args.seeds)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,15 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     warm = fm.run_config("lowlabel", "kd", args.seeds[0], steps=1, root=args.root, cache=args.cache)
     fm._one((warm, str(out / "_teacher-warmup")))  # the teacher trains once, before the pool
 
-    t0 = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(fm._one, job): key for key, job in cells}
-        for i, fut in enumerate(as_completed(futures), 1):
-            method, label, seed = futures[fut]
-            acc = 100 * fut.result()["student"]["accuracy"]
-            results.append({"method": method, "label": label, "seed": seed, "acc": acc})
-            print(f"[{i}/{len(cells)}] {method} {label} seed {seed}: {acc:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for (method, label, seed), summary in fm.run_cells(cells, jobs=args.jobs, label=lambda k: f"{k[0]} {k[1]} seed {k[2]}"):
+        results.append({"method": method, "label": label, "seed": seed, "acc": 100 * summary["student"]["accuracy"]})
     (out / "results.json").write_text(json.dumps(sorted(results, key=lambda r: (r["method"], r["label"], r["seed"])), indent=1))
     md = table(results, args.seeds)
     (out / "results.md").write_text(md + "\n")
