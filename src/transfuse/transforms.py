@@ -131,3 +131,6 @@ def make_transform(name: str, **options: Any):
     """The registered transform ``name`` built with ``options`` (an unknown name lists the valid ones)."""
     TRANSFORMS.check_options(name, options, where="transforms.options")
     return TRANSFORMS.get(name)(**options)
+
+
+from . import hard  # noqa: E402,F401  (registers the adversarial augmentation transforms)

@@ -49,3 +49,10 @@ __all__ = [
     "selective_kd", "similarity_preserving", "weigh_positions", "ctkd", "ctkd_temperature", "reverse_gradient",
     "mixkd", "std_normalise", "taid", "taid_target",
 ]
+
+# Methods added one module each; every module lists its public names in __all__.
+from . import concentration as _concentration, crkd as _crkd, hard as _hard, scalekd as _scalekd, tgeo as _tgeo, trg as _trg  # noqa: E402
+
+for _module in (_concentration, _crkd, _hard, _scalekd, _tgeo, _trg):
+    globals().update({_name: getattr(_module, _name) for _name in _module.__all__})
+    __all__ += list(_module.__all__)

@@ -19,7 +19,8 @@ options model built from the typed signature, and the module to build
 ``docs/methods.md`` gives each one's formula, options, default weights and paper.
 """
 
-from . import crd, ctkd, features, hard_labels, logits, mixkd, online, relations, selective, taid  # noqa: F401  (registration happens on import)
+from . import concentration, crd, crkd, ctkd, scalekd, tgeo, trg  # noqa: F401
+from . import features, hard_labels, logits, mixkd, online, relations, selective, taid  # noqa: F401  (registration happens on import)
 from .base import LOSSES, LossSpec, ScheduleDefault, describe_losses, register_loss
 from .crd import CRD
 from .features import FitNet, build_regressor

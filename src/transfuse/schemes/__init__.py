@@ -26,6 +26,6 @@ from .base import NO_DISTILLATION, Scheme, expand
 #: Short-form methods that are schemes rather than single losses.
 SCHEMES: Registry[Scheme] = Registry("scheme")
 
-from . import bdkd, collaborative, kl_dp, multi_teacher, mutual  # noqa: E402,F401  (registration happens on import)
+from . import bdkd, collaborative, concentration, kl_dp, meta_dmoe, multi_teacher, mutual  # noqa: E402,F401  (registration happens on import)
 
 __all__ = ["NO_DISTILLATION", "SCHEMES", "Scheme", "expand"]
