@@ -40,7 +40,7 @@ SETTINGS = {
     "cnn": ({"name": "cnn", "options": {"channels": [8, 16], "global_pool": False}}, 5000),
 }
 METHODS = ["none", "kd", "dkd", "dist", "dist_t4", "fitnet", "at", "sp", "rkd", "pkt", "crd", "taid", "ctkd", "mixkd",
-           "kd_cached", "kd_transfer"]
+           "tgeo", "trg", "scalekd", "kd_cached", "kd_transfer"]
 #: What each method's paper claims over classic KD (the comparison this benchmark can make),
 #: and the column that says whether this run confirms it at this scale.
 CLAIMS = {
@@ -59,7 +59,7 @@ CLAIMS = {
 }
 #: The claims above that are made against training without a teacher, not against KD.
 CLAIMS_VS_NONE = {"at", "sp", "rkd", "pkt"}
-SPATIAL_ONLY = {"at"}
+SPATIAL_ONLY = {"at", "trg", "scalekd"}
 # Variants of KD that only make sense where labels are scarce, or that need the teacher-output cache:
 # `kd_cached` is KD with the teacher answered from disk (the same numbers as `kd`, at the cost of the
 # student alone); `kd_transfer` adds the other 58,000 training images without labels (Hinton's transfer set).
