@@ -7,7 +7,7 @@ position in the original split (kept by subsets). Registered names (``DATASETS``
 ``docs/models-and-data.md``.
 """
 
-from . import digits, fashion_mnist, tensors  # noqa: F401  (importing registers the data sets)
+from . import digits, domains, fashion_mnist, tensors  # noqa: F401  (importing registers the data sets)
 from .base import DATASETS, ArrayDataset, Batch, DataSplits, collate_batch
 from .ids import with_id_offset
 from .idx import IDXFormatError, read_idx
