@@ -103,7 +103,7 @@ def test_most_confident_source_config_is_typed_and_checked(base_config):
         ({"members": ["teacher"], "combine": "most_confident"}, "at least two"),
         ({"members": ["original", "teacher"], "criterion": "label"}, "only a most_confident source"),
         ({"members": ["original", "teacher"], "combine": "most_confidnt"},
-         "'mean_probs', 'mean_logits', 'learned', 'most_confident' or 'label_only'"),
+         "'mean_probs', 'mean_logits', 'learned', 'most_confident', 'label_only' or 'by_class_group'"),
         ({"members": ["original", "teacher"], "combine": "most_confident", "criterion": "labl"}, "'label' or 'confidence'"),
     ]
     for section, message in bad:

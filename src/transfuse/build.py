@@ -32,7 +32,7 @@ from .optim import make_optimizer
 from .participants import LOGITS, Participant
 from .paths import teacher_cache_dir
 from .schedules import SCHEDULES, Constant
-from .sources import CachedOutputs, Ensemble, LearnedEnsemble, MostConfident
+from .sources import ByClassGroup, CachedOutputs, Ensemble, LearnedEnsemble, MostConfident
 from .taps import FeatureTaps
 
 
@@ -67,18 +67,84 @@ def load_splits(cfg: DataConfig) -> DataSplits:
 
 def load_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dataset]:
     """The data set's splits, and what the trainable participants train on: the training
-    split, a stratified label subset of it, or a label subset plus an unlabelled transfer set."""
+    split, a stratified label subset of it, or a label subset plus an unlabelled transfer set
+    (see :func:`load_student_data`, which also returns the held-out samples)."""
+    splits, train_set, _ = load_student_data(cfg)
+    return splits, train_set
+
+
+def load_student_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dataset, Any]:
+    """``(splits, train_set, holdout)``: the data set's splits; what the trainable
+    participants train on; and the labelled samples held out for a recipe (None unless
+    ``holdout_fraction``).
+
+    In order: ``novel_classes`` sets those classes' samples apart (they become the
+    unlabelled part); ``label_subset`` draws a class-stratified subset of the rest;
+    ``holdout_fraction`` takes a class-stratified share of that away from training;
+    ``transfer`` (or the novel samples) is added without labels.
+    """
     splits = load_splits(cfg)
-    train = splits.train
-    if cfg.label_subset is None:
-        return splits, train
-    if cfg.label_subset > len(train):
-        raise DataError(f"data.label_subset is {cfg.label_subset} but {cfg.name} has only {len(train)} training samples")
-    labelled = stratified_subset(train, cfg.label_subset, seed=cfg.subset_seed)
+    labelled, novel = splits.train, None
+    if cfg.novel_classes is not None:
+        labelled, novel = _split_novel(cfg, splits)
+    if cfg.label_subset is not None:
+        if cfg.label_subset > len(labelled):
+            raise DataError(f"data.label_subset is {cfg.label_subset} but {cfg.name} has only {len(labelled)} "
+                            f"{'known-class ' if novel is not None else ''}training samples")
+        labelled = stratified_subset(labelled, cfg.label_subset, seed=cfg.subset_seed)
+    holdout = None
+    if cfg.holdout_fraction is not None:
+        n = round(cfg.holdout_fraction * len(labelled))
+        if not 1 <= n < len(labelled):
+            raise DataError(f"data.holdout_fraction = {cfg.holdout_fraction} of {len(labelled)} labelled training samples "
+                            f"holds out {n}; it must leave at least one sample on each side")
+        # Seeded apart from the label subset, so the held-out samples do not depend on its draw order.
+        holdout = stratified_subset(labelled, n, seed=cfg.subset_seed + 7919)
+        labelled = complement(labelled, holdout)
+    if novel is not None:
+        return splits, TransferSet(labelled, novel), holdout
     if cfg.transfer is None:
-        return splits, labelled
-    unlabelled = complement(train, labelled) if cfg.transfer == "rest" else external_transfer(cfg, splits)
-    return splits, TransferSet(labelled, unlabelled)
+        return splits, labelled, holdout
+    unlabelled = complement(splits.train, labelled) if cfg.transfer == "rest" else external_transfer(cfg, splits)
+    if holdout is not None and cfg.transfer == "rest":
+        unlabelled = complement(unlabelled, holdout)  # held-out samples never reach training, not even unlabelled
+    return splits, TransferSet(labelled, unlabelled), holdout
+
+
+def _split_novel(cfg: DataConfig, splits: DataSplits):
+    targets = torch.as_tensor(splits.train.targets).long()
+    bad = [c for c in cfg.novel_classes if c >= splits.num_classes]
+    if bad:
+        raise DataError(f"data.novel_classes: {bad} are not classes of {cfg.name!r} (0..{splits.num_classes - 1})")
+    is_novel = torch.isin(targets, torch.tensor(cfg.novel_classes))
+    if bool(is_novel.all()):
+        raise DataError("data.novel_classes: every class is novel; leave at least one known class with labels")
+    return splits.train.subset(torch.nonzero(~is_novel).flatten()), splits.train.subset(torch.nonzero(is_novel).flatten())
+
+
+def teacher_train_set(cfg: ParticipantConfig, splits: DataSplits, *, role: str):
+    """What frozen participant ``role`` trains on when it is trained first: the whole
+    training split, or only its samples of ``train.classes`` / ``train.domains``."""
+    train = splits.train
+    keep = None
+    if cfg.train.classes is not None:
+        bad = [c for c in cfg.train.classes if c >= splits.num_classes]
+        if bad:
+            raise DataError(f"participants.{role}.train.classes: {bad} are not classes of the data "
+                            f"(0..{splits.num_classes - 1})")
+        keep = torch.isin(torch.as_tensor(train.targets).long(), torch.tensor(cfg.train.classes))
+    if cfg.train.domains is not None:
+        domains = getattr(train, "domains", None)
+        if domains is None:
+            raise DataError(f"participants.{role}.train.domains: the data set has no domains (a data set with "
+                            "domains, such as digits_domains, gives each sample one)")
+        in_domains = torch.isin(torch.as_tensor(domains).long(), torch.tensor(cfg.train.domains))
+        keep = in_domains if keep is None else keep & in_domains
+    if keep is None:
+        return train
+    if not bool(keep.any()):
+        raise DataError(f"participants.{role}.train: no training sample has the given classes/domains")
+    return train.subset(torch.nonzero(keep).flatten())
 
 
 def check_batches(cfg: RunConfig, splits: DataSplits, train_set, *, world_size: int) -> None:
@@ -86,8 +152,11 @@ def check_batches(cfg: RunConfig, splits: DataSplits, train_set, *, world_size: 
     teacher trains (the engine would only find out when its loop starts)."""
     jobs = [("train", cfg.train.batch_size, cfg.train.accumulate, len(train_set), "the training set")]
     for name, p in cfg.participants.items():
-        if not p.trainable and not p.weights and not p.cache:  # trained first, from labels, on the whole split
-            jobs.append((f"participants.{name}.train", p.train.batch_size, 1, len(splits.train), "the training split"))
+        if not p.trainable and not p.weights and not p.cache:  # trained first, from labels, on (part of) the split
+            subset = p.train.classes is not None or p.train.domains is not None
+            jobs.append((f"participants.{name}.train", p.train.batch_size, 1,
+                         len(teacher_train_set(p, splits, role=name)),
+                         "its part of the training split" if subset else "the training split"))
     for section, batch, accumulate, available, what in jobs:
         if batch * accumulate > available:
             needs = f"{section}.batch_size * train.accumulate = {batch * accumulate}" if accumulate > 1 else \
@@ -160,13 +229,15 @@ def make_participants(cfg: RunConfig, splits: DataSplits) -> dict[str, Any]:
 
 def make_ensembles(
     sources: Mapping[str, Any], participants: Mapping[str, Any] | None = None, *, num_samples: int | None = None,
-) -> dict[str, Ensemble | LearnedEnsemble | MostConfident | LabelOnlyTeacher]:
+    class_groups: Mapping[str, list[int] | None] | None = None,
+) -> dict[str, Ensemble | LearnedEnsemble | MostConfident | ByClassGroup | LabelOnlyTeacher]:
     """The ``sources:`` section (plus a scheme's) as :class:`~transfuse.sources.Ensemble`
     (fixed weights), :class:`~transfuse.sources.LearnedEnsemble`,
     :class:`~transfuse.sources.MostConfident` (one member per sample) or
     :class:`~transfuse.blackbox.LabelOnlyTeacher` objects. A label-only teacher wraps its
     member's object from ``participants`` and, with ``remember``, keeps an answer for each
-    of the ``num_samples`` training samples."""
+    of the ``num_samples`` training samples. A ``by_class_group`` source (specialists)
+    takes each member's classes from ``class_groups``."""
     out: dict[str, Ensemble | LearnedEnsemble | MostConfident | LabelOnlyTeacher] = {}
     for name, s in sources.items():
         if s.combine == "label_only":
@@ -177,6 +248,11 @@ def make_ensembles(
                                          skip_labelled=bool(s.skip_labelled))
         elif s.combine == "learned":
             out[name] = LearnedEnsemble(name, s.members, temperature=s.temperature)
+        elif s.combine == "by_class_group":
+            groups = [class_groups[m] for m in s.members] if class_groups is not None else None
+            if groups is None or any(g is None for g in groups):
+                raise ValueError(f"sources.{name}: a by_class_group source needs each member's class group")
+            out[name] = ByClassGroup(name, s.members, groups=groups)
         elif s.combine == "most_confident":
             out[name] = MostConfident(name, s.members, criterion=s.criterion or "label", temperature=s.temperature)
         else:
@@ -304,7 +380,9 @@ def _schedule(tc: TermConfig, spec, total_steps: int):
 def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
     """Participants, sources and terms assembled; every shape and reference checked."""
     participants = make_participants(cfg, splits)
-    sources = {**participants, **make_ensembles(cfg.resolved_sources(), participants, num_samples=len(train_set))}
+    groups = {name: p.train.classes for name, p in cfg.participants.items()}
+    sources = {**participants, **make_ensembles(cfg.resolved_sources(), participants, num_samples=len(train_set),
+                                                class_groups=groups)}
     probe = first_batch(train_set)
     terms = make_terms(cfg.resolved_terms(), sources, probe, num_train_samples=len(train_set), total_steps=cfg.train.steps)
     distiller = Distiller(list(sources.values()), terms)

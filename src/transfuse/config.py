@@ -92,6 +92,18 @@ class TeacherTrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="train only on the training samples of these classes (a specialist, or a "
+        "model of the known classes); its head keeps every class")
+    domains: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="train only on the training samples of these domains (a data set with domains)")
+
+    @field_validator("classes", "domains")
+    @classmethod
+    def _distinct(cls, values: list[int] | None) -> list[int] | None:
+        if values is not None and len(set(values)) != len(values):
+            raise ValueError(f"each value may appear once; got {values}")
+        return values
 
 
 class ParticipantConfig(ModelConfig):
@@ -128,13 +140,17 @@ class EnsembleConfig(_Strict):
     logits of the member whose probabilities at ``temperature`` are most confident by
     ``criterion``: ``label``, the probability of the sample's label, or ``confidence``,
     the top-1 probability; ties and unlabelled samples go to the first member), or
+    ``by_class_group`` (specialists: per sample, the logits of the member whose
+    ``train.classes`` contain the sample's label, and ``group``, that member's position;
+    unlabelled samples and labels no member covers go to the member with the highest
+    top-1 probability), or
     ``label_only`` (one frozen member behind a black-box interface: it answers only its
     top-1 class, ``labels``, and ``answered``, from a budget of ``budget`` queries;
     ``remember``: a sample once answered is answered again for free; ``skip_labelled``:
     no query is spent on a transfer set's labelled samples)."""
 
     members: list[str] = Field(min_length=1)
-    combine: Literal["mean_probs", "mean_logits", "learned", "most_confident", "label_only"] = "mean_probs"
+    combine: Literal["mean_probs", "mean_logits", "learned", "most_confident", "label_only", "by_class_group"] = "mean_probs"
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     optim: OptimConfig | None = None
@@ -179,6 +195,9 @@ class EnsembleConfig(_Strict):
         elif self.criterion is not None:
             raise ValueError(f"criterion: only a most_confident source (combine: most_confident) has one; "
                              f"combine is {self.combine!r}")
+        if self.combine == "by_class_group" and (self.weights is not None or self.temperature != 1.0):
+            raise ValueError("weights/temperature: a by_class_group source picks one member per sample by its label; "
+                             "it has neither")
         if self.combine == "learned":
             if self.weights is not None:
                 raise ValueError("weights: a learned ensemble learns its weights (they start equal); leave weights out")
@@ -216,6 +235,12 @@ class DataConfig(_Strict):
     label_subset: int | None = Field(None, ge=1, description="student trains on this many labelled samples (class-stratified); the teacher on all")
     subset_seed: int = 0
     transfer: Literal["rest"] | TransferDataConfig | None = None
+    novel_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="novel-class discovery: the student's training samples of these classes lose "
+        "their labels (they become unlabelled transfer samples); the test split keeps every label")
+    holdout_fraction: float | None = Field(
+        None, gt=0, lt=1, allow_inf_nan=False, description="this fraction of the labelled training samples "
+        "(class-stratified) is kept out of the student's training set and given to a recipe that asks for it (holdout)")
 
     @model_validator(mode="after")
     def _known(self) -> "DataConfig":
@@ -223,6 +248,12 @@ class DataConfig(_Strict):
         DATASETS.check_options(self.name, self.options, where="options")
         if self.transfer == "rest" and self.label_subset is None:
             raise ValueError("transfer: 'rest' means the training samples outside label_subset, so label_subset must be set")
+        if self.novel_classes is not None:
+            if len(set(self.novel_classes)) != len(self.novel_classes):
+                raise ValueError(f"novel_classes: each class may appear once; got {self.novel_classes}")
+            if self.transfer is not None:
+                raise ValueError("novel_classes: the novel classes' samples already are the unlabelled transfer set; "
+                                 "leave transfer out")
         return self
 
 
@@ -486,7 +517,16 @@ class RunConfig(_Strict):
         if self.recipe.name == "alternating" and self.fabric.strategy != "auto" and self.fabric.strategy.startswith(("ddp", "fsdp")):
             raise ValueError("recipe: 'alternating' updates one participant per forward pass, which DDP/FSDP cannot "
                              "synchronise; use recipe 'default' with fabric.strategy " + repr(self.fabric.strategy))
+        for name, p in self.participants.items():
+            subset = [k for k in ("classes", "domains") if getattr(p.train, k) is not None]
+            if subset and (p.trainable or p.weights or p.cache):
+                raise ValueError(f"participants.{name}.train.{subset[0]}: only a frozen participant that is trained first "
+                                 "(trainable: false, no weights, no cache) trains on a subset of the data")
         sources = self.resolved_sources()
+        for name, source in sources.items():
+            if source.combine == "by_class_group":
+                _check_class_groups(name, source.members, self.participants)
+        _check_recipe_holdout(self.recipe.name, self.data.holdout_fraction)
         for i, term in enumerate(self.resolved_terms()):
             where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"
             _check_ref(term.input, where, "input", self.participants, sources, trainable=True)
@@ -524,6 +564,39 @@ class RunConfig(_Strict):
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default written out)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_class_groups(name: str, members: list[str], participants: dict[str, ParticipantConfig]) -> None:
+    """A by_class_group source's members: frozen specialists with disjoint ``train.classes``."""
+    seen: dict[int, str] = {}
+    for member in members:
+        p = participants.get(member)
+        if p is None or p.trainable or p.train.classes is None:
+            raise ValueError(f"sources.{name}.members: {member!r} must be a frozen participant with train.classes (the "
+                             "class group it is a specialist for); a by_class_group source routes each sample to the "
+                             "member whose classes hold its label")
+        for cls in p.train.classes:
+            if cls in seen:
+                raise ValueError(f"sources.{name}: class {cls} is in the train.classes of both {seen[cls]!r} and "
+                                 f"{member!r}; the groups must be disjoint")
+            seen[cls] = member
+
+
+def _check_recipe_holdout(recipe: str, holdout_fraction: float | None) -> None:
+    """A recipe that needs held-out data (an ``__init__`` parameter ``holdout`` without a
+    default) needs ``data.holdout_fraction``; one that takes none must not be given it."""
+    import inspect
+
+    from .recipes import RECIPES
+
+    params = inspect.signature(RECIPES.get(recipe).__init__).parameters
+    takes = "holdout" in params
+    if takes and params["holdout"].default is inspect.Parameter.empty and holdout_fraction is None:
+        raise ValueError(f"data.holdout_fraction: recipe {recipe!r} learns from held-out labelled samples; set "
+                         "data.holdout_fraction (0.2, say) to keep that fraction of the training samples out for it")
+    if not takes and holdout_fraction is not None:
+        raise ValueError(f"data.holdout_fraction: recipe {recipe!r} reads no held-out data, so the held-out samples "
+                         "would just be lost to training; leave holdout_fraction out")
 
 
 #: The frozen copy of the student that ``kl_dp`` keeps learning from where the teacher is not more confident.

@@ -17,6 +17,7 @@ Run directory layout::
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import math
 import shutil
@@ -33,7 +34,7 @@ from .analysis import accuracy, agreement, expected_calibration_error, predict
 from ._version import __version__
 from .atomic import write_atomic
 from .build import (
-    check_batches, fit_settings, load_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_weights_path,
+    check_batches, fit_settings, load_student_data, make_distiller, make_fabric, make_model, make_optimizer_from, make_optimizers, teacher_train_set, teacher_weights_path,
 )
 from .checkpoint import CheckpointError, latest_checkpoint, load_into, load_weights, save_weights
 from .config import RunConfig, config_from_dict
@@ -41,7 +42,7 @@ from .distiller import Distiller, Term
 from .engine import CHECKPOINTS, fit
 from .losses import LOSSES
 from .participants import Participant
-from .recipes import make_recipe
+from .recipes import RECIPES, make_recipe
 from .rundir import FolderLock, RunDirError, disk_errors
 from .transforms import make_transform
 
@@ -71,8 +72,9 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     say = _Say(quiet=quiet or fabric.global_rank != 0)
 
     # Everything knowable from the config and the data is checked here, before any write.
-    splits, train_set = load_data(cfg.data)
+    splits, train_set, holdout = load_student_data(cfg.data)
     check_batches(cfg, splits, train_set, world_size=fabric.world_size)
+    recipe = build_recipe(cfg.recipe.name, cfg.recipe.options, holdout=holdout, seed=cfg.seed)
     distiller = make_distiller(cfg, splits, train_set)
     optimizers = make_optimizers(cfg, distiller)
     settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name}",
@@ -96,13 +98,13 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     try:
         with disk_errors(out, advice="Free space (or fix the permissions), then rerun the same command with --resume."):
             return _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, train_set, out,
-                                        resume=resume, quiet=quiet, say=say, t_start=t_start)
+                                        recipe=recipe, resume=resume, quiet=quiet, say=say, t_start=t_start)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, train_set, out: Path, *, resume: bool,
+def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, train_set, out: Path, *, recipe, resume: bool,
                          quiet: bool, say, t_start: float) -> dict[str, Any]:
     for participant in distiller.frozen():
         name = participant.name
@@ -128,7 +130,7 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
     trained = ", ".join(distiller.trainable_names)
     say(f"training {trained} for {settings.steps} steps ({cfg.method_name}) in {out}")
     result = fit(fabric, distiller, optimizers, train_set, settings, run_dir=out, resume=resume, evaluate=evaluate,
-                 recipe=make_recipe(cfg.recipe.name, **cfg.recipe.options),
+                 recipe=recipe,
                  transforms=[make_transform(t.name, **t.options) for t in cfg.transforms])
 
     summary: dict[str, Any] = {}
@@ -142,6 +144,19 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
         write_atomic(out / SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     fabric.barrier()
     return summary
+
+
+def build_recipe(name: str, options: dict[str, Any], *, holdout: Any = None, seed: int = 0):
+    """The configured recipe; one whose ``__init__`` takes ``holdout`` (and ``seed``) gets
+    the held-out labelled samples of ``data.holdout_fraction`` (and the run's seed, to draw
+    its batches from as a function of the step, so a resumed run draws the same ones)."""
+    params = inspect.signature(RECIPES.get(name).__init__).parameters
+    extras = {}
+    if "holdout" in params and holdout is not None:
+        extras["holdout"] = holdout
+    if "seed" in params and "seed" not in options:
+        extras["seed"] = seed
+    return make_recipe(name, **options, **extras)
 
 
 def finite_or_none(value: Any) -> Any:
@@ -205,7 +220,7 @@ def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, 
         found = latest_checkpoint(work / CHECKPOINTS)
         again = f", resuming from {found.name} of a run that stopped" if found is not None else ""
         say(f"training {name} ({pcfg.name}) from labels for {pcfg.train.steps} steps{again}; it is cached as {weights}")
-        fit(fabric, distiller, optimizer, splits.train, settings, run_dir=work, resume=True)
+        fit(fabric, distiller, optimizer, teacher_train_set(pcfg, splits, role=name), settings, run_dir=work, resume=True)
         if fabric.global_rank == 0:
             save_weights(weights, model.state_dict(), metadata={"transfuse_version": __version__})
             shutil.rmtree(work, ignore_errors=True)

@@ -302,3 +302,74 @@ class MostConfident:
         logits, _ = most_confident([upstream[m][LOGITS] for m in self.inputs], target, criterion=self.criterion,
                                    temperature=self.temperature, labelled=batch.get(LABELLED))
         return {LOGITS: logits} if fields else {}
+
+
+def by_class_group(
+    logits: Sequence[torch.Tensor], target: torch.Tensor | None, group_of_class: torch.Tensor,
+    *, labelled: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the logits of the specialist responsible for the position's label: ``(logits, group)``.
+
+    ``logits``: K tensors ``(..., C)``; ``target`` ``(...)`` class ids; ``group_of_class``
+    ``(C,)`` int64, the member responsible for each class (-1: none). A position without a
+    label (negative target, ``labelled`` False, no target at all) or whose class no member
+    covers gets the member with the highest top-1 probability (ties to the earlier one).
+    Returns the chosen logits ``(..., C)`` (float32) and the member index ``(...)`` int64.
+    """
+    stacked = torch.stack([z.float() for z in logits])  # (K, ..., C)
+    top1 = stacked.softmax(-1).amax(-1).nan_to_num(nan=-1.0)  # (K, ...)
+    group = top1.argmax(0)  # (...): the most confident member, for positions no label routes
+    if target is not None:
+        known = target >= 0
+        if labelled is not None:
+            known = known & labelled.bool()
+        cls = target.clamp(min=0, max=len(group_of_class) - 1)
+        routed = group_of_class.to(target.device)[cls]  # (...)
+        use = known & (target < len(group_of_class)) & (routed >= 0)
+        group = torch.where(use, routed, group)
+    chosen = stacked.gather(0, group.unsqueeze(0).unsqueeze(-1).expand(1, *stacked.shape[1:])).squeeze(0)
+    return chosen, group
+
+
+class ByClassGroup:
+    """Specialist teachers, one per class group: per sample, the logits of the member whose
+    classes contain the sample's label (Knowledge Concentration's routing of a sample to
+    the teacher of its vertical). Fields: ``logits`` ``(B, C)`` and ``group`` ``(B,)``
+    int64, the chosen member's position in ``members``. Unlabelled samples and classes
+    that no member covers go to the member with the highest top-1 probability.
+    """
+
+    trainable = False
+    FIELDS = (LOGITS, "group")
+
+    def __init__(self, name: str, members: Sequence[str], *, groups: Sequence[Sequence[int]]) -> None:
+        _check_ensemble(name, members, 1.0)
+        if len(groups) != len(members):
+            raise ValueError(f"source {name!r}: {len(members)} members but {len(groups)} class groups")
+        flat = [int(c) for g in groups for c in g]
+        if any(c < 0 for c in flat) or len(set(flat)) != len(flat) or any(len(g) == 0 for g in groups):
+            raise ValueError(f"source {name!r}: the class groups must be non-empty, disjoint and >= 0; got {list(groups)}")
+        self.name = name
+        self.inputs = tuple(members)
+        self.groups = [sorted(int(c) for c in g) for g in groups]
+        table = torch.full((max(flat) + 1,), -1, dtype=torch.long)
+        for member, group in enumerate(self.groups):
+            table[group] = member
+        self.group_of_class = table  # (max class + 1,)
+
+    def __repr__(self) -> str:
+        return f"ByClassGroup({self.name!r}, members={list(self.inputs)}, groups={self.groups})"
+
+    def resolve_field(self, field: str) -> str:
+        return field
+
+    def provide(self, batch: Mapping[str, torch.Tensor], fields: Iterable[str], upstream: Mapping[str, Outputs]) -> Outputs:
+        fields = list(fields)
+        other = sorted(set(fields) - set(self.FIELDS))
+        if other:
+            raise ValueError(f"source {self.name!r} (by_class_group) answers only {list(self.FIELDS)}, not {other}")
+        if not fields:
+            return {}
+        logits, group = by_class_group([upstream[m][LOGITS] for m in self.inputs], batch.get(TARGET),
+                                       self.group_of_class, labelled=batch.get(LABELLED))
+        return {k: v for k, v in ((LOGITS, logits), ("group", group)) if k in fields}
