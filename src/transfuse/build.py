@@ -427,7 +427,9 @@ def teacher_cache_key(cfg: RunConfig, name: str = "teacher") -> str:
     p = cfg.participants[name]
     what = {
         "model": {"name": p.name, "options": p.options},
-        "train": p.train.model_dump(mode="json"),
+        # A subset that is not set is left out, so teachers cached before subsets existed keep their key.
+        "train": {k: v for k, v in p.train.model_dump(mode="json").items()
+                  if not (k in ("classes", "domains") and v is None)},
         "data": {"name": cfg.data.name, "options": cfg.data.options},
         "precision": cfg.fabric.precision,
     }
