@@ -52,10 +52,11 @@ __all__ = [
 
 # Methods added one module each; every module lists its public names in __all__.
 from . import (  # noqa: E402
-    concentration as _concentration, crkd as _crkd, hard as _hard, knfu as _knfu, meta_dmoe as _meta_dmoe,
+    concentration as _concentration, crkd as _crkd, divergences as _divergences, hard as _hard, knfu as _knfu,
+    meta_dmoe as _meta_dmoe,
     scalekd as _scalekd, tgeo as _tgeo, trg as _trg,
 )
 
-for _module in (_concentration, _crkd, _hard, _knfu, _meta_dmoe, _scalekd, _tgeo, _trg):
+for _module in (_concentration, _crkd, _divergences, _hard, _knfu, _meta_dmoe, _scalekd, _tgeo, _trg):
     globals().update({_name: getattr(_module, _name) for _name in _module.__all__})
     __all__ += list(_module.__all__)

@@ -1,0 +1,210 @@
+"""Token-level divergences between a teacher's and a student's next-token distributions.
+
+Every function takes ``(student_logits, teacher_logits, *, temperature=1.0, mask=None,
+weights=None, reduction="mean")`` with logits ``(..., V)`` -- ``(B, V)`` for a classifier,
+``(B, T, V)`` for a language model -- and an optional boolean ``mask`` ``(...)`` (or a
+prefix of it) that selects the positions that carry loss (a causal LM's predicted,
+non-prompt, non-padding tokens). Per position the divergence is summed over the
+vocabulary; the positions are reduced by :func:`~transfuse.functional.reduce_positions`:
+the mean over the positions where ``mask`` is true, so the value does not depend on how
+much padding a batch holds.
+
+With ``p = softmax(teacher_logits / T)`` and ``q = softmax(student_logits / T)``:
+
+* :func:`fkl` ``KL(p || q)`` (mode-covering), :func:`rkl` ``KL(q || p)`` (mode-seeking);
+* :func:`tvd` ``0.5 * sum |p - q|``;
+* :func:`jsd` ``beta * KL(p || m) + (1 - beta) * KL(q || m)``, ``m = beta * p + (1 - beta) * q``
+  (the generalised Jensen-Shannon divergence of GKD);
+* :func:`skew_fkl` ``KL(p || a * p + (1 - a) * q)`` and :func:`skew_rkl`
+  ``KL(q || (1 - a) * p + a * q)`` (DistiLLM);
+* :func:`adaptive_kl` the head/tail-weighted sum of FKL and RKL (Wu et al., 2024).
+
+The temperature is applied inside the loss and nowhere else, and these functions never
+multiply by ``T^2`` (Hinton's factor, which :func:`~transfuse.functional.kd` applies):
+for language models the divergence is the quantity reported and compared, so it is kept
+as it is; scale the term's weight to compensate when you raise ``T``. All arithmetic is
+in float32 (bf16 logits are upcast), and a mixture's log is computed with ``logaddexp``
+so a zero probability never produces ``log 0 * 0 = nan``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._types import Probability, Reduction, Temperature
+from .logits import _check_pair, _check_reduction, _check_temperature
+from .reduce import reduce_positions, weigh_positions
+
+__all__ = ["adaptive_kl", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl", "tvd"]
+
+
+def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, name: str):
+    _check_pair(student_logits, teacher_logits, name)
+    _check_temperature(temperature, name)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+    return log_q, log_p
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a || b)`` per position ``(...)`` from log-probabilities ``(..., V)``; ``0 log 0 = 0``."""
+    a = log_a.exp()
+    # where(), not a product: a token with a = 0 may have log_b = -inf (0 * inf = nan).
+    terms = torch.where(a > 0, a * (log_a - log_b), torch.zeros((), dtype=a.dtype, device=a.device))
+    return terms.sum(-1)
+
+
+def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """``log(weight_a * a + (1 - weight_a) * b)`` from log-probabilities, exact at weights 0 and 1."""
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _reduced(values: torch.Tensor, mask, weights, reduction: str, name: str) -> torch.Tensor:
+    _check_reduction(reduction, name)
+    if reduction == "none":
+        return weigh_positions(values, mask=mask, weights=weights)
+    return reduce_positions(values, mask=mask, weights=weights)
+
+
+def fkl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Forward KL ``KL(p || q)`` per position (mode-covering: the student spreads over every
+    token the teacher gives mass to).
+
+    Shapes: logits ``(..., V)``; ``mask``/``weights`` ``(...)`` or a prefix. Reduction: the
+    mean over masked-in positions (``reduction="none"``: the ``(...)`` values, masked-out 0).
+    No ``T^2`` factor. Paper: Hinton et al., Distilling the Knowledge in a Neural Network,
+    2015, https://arxiv.org/abs/1503.02531 (word-level KD for sequences: Kim & Rush, 2016).
+    """
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "fkl")
+    return _reduced(_kl(log_p, log_q), mask, weights, reduction, "fkl")
+
+
+def rkl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Reverse KL ``KL(q || p)`` per position (mode-seeking: the student concentrates on the
+    teacher's main modes). Shapes and reduction as :func:`fkl`.
+
+    Paper: Gu et al., MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024,
+    https://arxiv.org/abs/2306.08543 (which optimises it on the student's own samples).
+    """
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "rkl")
+    return _reduced(_kl(log_q, log_p), mask, weights, reduction, "rkl")
+
+
+def tvd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Total variation distance ``0.5 * sum_v |p_v - q_v|`` per position, in ``[0, 1]``.
+    Shapes and reduction as :func:`fkl`.
+
+    Paper: Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation,
+    ACL 2023, https://arxiv.org/abs/2307.15190
+    """
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "tvd")
+    values = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # (...)
+    return _reduced(values, mask, weights, reduction, "tvd")
+
+
+def jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: Probability = 0.5,
+    temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence ``beta * KL(p || m) + (1 - beta) * KL(q || m)``
+    with ``m = beta * p + (1 - beta) * q``, per position. ``beta = 0.5`` is the symmetric
+    JSD; at ``beta`` 0 or 1 the mixture equals one side and the value is 0 (use :func:`fkl`
+    or :func:`rkl` for those limits). Shapes and reduction as :func:`fkl`.
+
+    Paper: Agarwal et al., On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes (GKD), ICLR 2024, https://arxiv.org/abs/2306.13649
+    """
+    _check_probability(beta, "beta", "jsd")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "jsd")
+    log_m = _mix(log_p, log_q, beta)  # (..., V)
+    values = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return _reduced(values, mask, weights, reduction, "jsd")
+
+
+def skew_fkl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: Probability = 0.1,
+    temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Skew forward KL ``KL(p || alpha * p + (1 - alpha) * q)`` per position: FKL against a
+    student distribution mixed with a little of the teacher's, which bounds the loss where
+    the student gives a teacher token almost no mass. ``alpha = 0`` is :func:`fkl`.
+    Shapes and reduction as :func:`fkl`.
+
+    Paper: Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models,
+    ICML 2024, https://arxiv.org/abs/2402.03898
+    """
+    _check_probability(alpha, "alpha", "skew_fkl")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "skew_fkl")
+    return _reduced(_kl(log_p, _mix(log_p, log_q, alpha)), mask, weights, reduction, "skew_fkl")
+
+
+def skew_rkl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: Probability = 0.1,
+    temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Skew reverse KL ``KL(q || (1 - alpha) * p + alpha * q)`` per position. ``alpha = 0``
+    is :func:`rkl`. Shapes and reduction as :func:`fkl`.
+
+    Paper: Ko et al., DistiLLM, ICML 2024, https://arxiv.org/abs/2402.03898
+    """
+    _check_probability(alpha, "alpha", "skew_rkl")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "skew_rkl")
+    return _reduced(_kl(log_q, _mix(log_q, log_p, alpha)), mask, weights, reduction, "skew_rkl")
+
+
+def adaptive_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mu: Probability = 0.5,
+    temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Adaptive KL: ``g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL`` per position.
+
+    The head is the teacher's most probable tokens, taken in order of probability until
+    their cumulative mass reaches ``mu`` (the token that crosses ``mu`` included); the
+    tail is every other token. ``g_head = sum_head |p - q|``, ``g_tail = sum_tail |p - q|``:
+    where the student misses the head FKL dominates, where it misses the tail RKL does.
+    The weights are part of the graph (not detached), as in the reference code; a position
+    with ``p == q`` exactly has both gaps 0 and gets the value 0. Shapes and reduction as
+    :func:`fkl`.
+
+    Paper: Wu et al., Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
+    Large Language Models, 2024, https://arxiv.org/abs/2404.02657
+    """
+    _check_probability(mu, "mu", "adaptive_kl")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "adaptive_kl")
+    p, q = log_p.exp(), log_q.exp()
+    sorted_p, order = p.sort(dim=-1, descending=True)  # (..., V)
+    mass_before = sorted_p.cumsum(-1) - sorted_p  # (..., V): the mass of the more probable tokens
+    head_sorted = mass_before < mu  # (..., V): taken until the cumulative mass reaches mu
+    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)  # back to vocabulary order
+    gap = (p - q).abs()  # (..., V)
+    g_head = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)  # (...)
+    g_tail = torch.where(head, torch.zeros_like(gap), gap).sum(-1)  # (...)
+    total = g_head + g_tail
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    values = (g_head * _kl(log_p, log_q) + g_tail * _kl(log_q, log_p)) / safe
+    return _reduced(values, mask, weights, reduction, "adaptive_kl")
+
+
+def _check_probability(value: float, option: str, name: str) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name}: {option} must be a number in [0, 1], got {value!r}")
