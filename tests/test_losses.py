@@ -53,6 +53,7 @@ DEFAULTS = {
     "sp": (3000.0, 1.0, "map"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
     "crd": (0.8, 1.0, "feature"), "label_only": (1.0, 0.0, "logits"),
     "taid": (1.0, 0.0, "logits"), "ctkd": (0.9, 0.1, "logits"), "mixkd": (1.0, 0.0, "logits"),
+    **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl")},
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.
