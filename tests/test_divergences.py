@@ -157,3 +157,43 @@ def test_bad_options_are_refused(bad):
         jsd(torch.zeros(2, 3), torch.zeros(2, 3), **bad)
     with pytest.raises(ValueError, match="same shape"):
         fkl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl"])
+def test_topk_with_every_token_equals_the_full_divergence(divergence):
+    from transfuse.functional import topk_divergence
+
+    g = torch.Generator().manual_seed(5)
+    zs, zt = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    logp = torch.log_softmax(zt, -1)
+    top, idx = logp.topk(6, dim=-1)
+    got = topk_divergence(zs, top, idx, divergence=divergence)
+    torch.testing.assert_close(got, ALL[divergence](zs, zt), rtol=1e-4, atol=1e-5)
+
+
+def test_topk_buckets_equal_a_hand_computation_and_the_gradient_reaches_only_the_student():
+    from transfuse.functional import topk_divergence
+
+    zt = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    zs = torch.log(torch.tensor([[0.4, 0.4, 0.1, 0.1]])).requires_grad_()
+    top, idx = zt.topk(2, dim=-1)  # tokens 0, 1; teacher tail 0.1, student tail 0.2
+    value = topk_divergence(zs, top, idx, divergence="fkl")
+    want = 0.6 * math.log(0.6 / 0.4) + 0.3 * math.log(0.3 / 0.4) + 0.1 * math.log(0.1 / 0.2)
+    assert value.item() == pytest.approx(want, rel=1e-5)
+    value.backward()
+    assert torch.isfinite(zs.grad).all()
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        topk_divergence(zs, top, idx, divergence="adaptive_kl")
+    with pytest.raises(ValueError, match=r"must both be \(\.\.\., K\)"):
+        topk_divergence(zs, top, idx[:, :1])
+
+
+def test_topk_tail_stays_finite_when_the_top_k_hold_all_the_mass():
+    from transfuse.functional import topk_divergence
+
+    zt = torch.tensor([[30.0, 30.0, -30.0, -30.0]])
+    zs = torch.tensor([[0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    top, idx = torch.log_softmax(zt, -1).topk(2, dim=-1)
+    value = topk_divergence(zs, top, idx, divergence="jsd")
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(zs.grad).all()

@@ -38,7 +38,7 @@ from ._types import Probability, Reduction, Temperature
 from .logits import _check_pair, _check_reduction, _check_temperature
 from .reduce import reduce_positions, weigh_positions
 
-__all__ = ["adaptive_kl", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl", "tvd"]
+__all__ = ["TOPK_DIVERGENCES", "adaptive_kl", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl", "topk_divergence", "tvd"]
 
 
 def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, name: str):
@@ -203,6 +203,92 @@ def adaptive_kl(
     safe = torch.where(total > 0, total, torch.ones_like(total))
     values = (g_head * _kl(log_p, log_q) + g_tail * _kl(log_q, log_p)) / safe
     return _reduced(values, mask, weights, reduction, "adaptive_kl")
+
+
+#: The divergences :func:`topk_divergence` can compute on top-k buckets.
+TOPK_DIVERGENCES = ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl")
+
+
+def _bucket_values(divergence: str, log_q: torch.Tensor, log_p: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
+    """One divergence per position from log-probabilities over the same buckets ``(..., K)``."""
+    if divergence == "fkl":
+        return _kl(log_p, log_q)
+    if divergence == "rkl":
+        return _kl(log_q, log_p)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "jsd":
+        log_m = _mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if divergence == "skew_fkl":
+        return _kl(log_p, _mix(log_p, log_q, alpha))
+    if divergence == "skew_rkl":
+        return _kl(log_q, _mix(log_q, log_p, alpha))
+    raise ValueError(f"topk_divergence: divergence must be one of {', '.join(TOPK_DIVERGENCES)}; got {divergence!r}")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate near 0 and for very negative x (Maechler, 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+#: The smallest log-mass a tail bucket is given (e^-100 ~ 4e-44): a tail that rounds to 0 on
+#: one side only would otherwise make a KL term infinite.
+_TAIL_FLOOR = -100.0
+
+
+def _with_tail(log_top: torch.Tensor) -> torch.Tensor:
+    """``(..., K)`` log-probabilities of K tokens -> ``(..., K + 1)`` with the rest's mass as the last bucket."""
+    log_tail = _log1mexp(torch.logsumexp(log_top, dim=-1, keepdim=True)).clamp(min=_TAIL_FLOOR)
+    return torch.cat([log_top, log_tail], dim=-1)
+
+
+def topk_divergence(
+    student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, *,
+    divergence: str = "fkl", temperature: Temperature = 1.0, beta: Probability = 0.5, alpha: Probability = 0.1,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """A divergence against a teacher known only by its top-k tokens, with the tail as one bucket.
+
+    Shapes: ``student_logits`` ``(..., V)``; ``topk_logprobs`` ``(..., K)`` the teacher's
+    log-probabilities of its K most probable tokens (as a teacher-output cache stores them,
+    at temperature 1), ``topk_indices`` ``(..., K)`` int64 their token ids. Both sides
+    become ``K + 1`` buckets: the K tokens and the rest of the vocabulary, whose mass is
+    ``1 - sum_k`` (the teacher's from its top-k, the student's from its own gathered
+    columns; a tail bucket's mass is floored at ``e^-100`` so that a tail rounding to 0
+    on one side only keeps the value finite). The student's log-probabilities are its K gathered logits minus one
+    ``logsumexp`` over the vocabulary: no ``(..., V)`` log-softmax is materialised.
+    ``divergence`` (one of :data:`TOPK_DIVERGENCES`) is then computed over the buckets,
+    with ``beta`` (``jsd``) and ``alpha`` (skew forms) as in the full-vocabulary functions.
+    With K = V (every token), the tail is empty and the value equals the full function.
+
+    ``temperature``: the student's logits are divided by it; the teacher's buckets are
+    re-tempered as ``p^(1/T)`` renormalised over the K + 1 buckets, which is exact for
+    T = 1 and treats the tail as one token otherwise (the tail's own shape is unknown).
+    Reduction as :func:`fkl`.
+    """
+    name = "topk_divergence"
+    if topk_logprobs.shape != topk_indices.shape or topk_logprobs.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"{name}: topk_logprobs {tuple(topk_logprobs.shape)} and topk_indices "
+                         f"{tuple(topk_indices.shape)} must both be (..., K) with the student's positions "
+                         f"{tuple(student_logits.shape[:-1])}")
+    if topk_logprobs.shape[-1] > student_logits.shape[-1]:
+        raise ValueError(f"{name}: K = {topk_logprobs.shape[-1]} exceeds the vocabulary {student_logits.shape[-1]}")
+    _check_temperature(temperature, name)
+    _check_probability(beta, "beta", name)
+    _check_probability(alpha, "alpha", name)
+    z = student_logits.float() / temperature  # (..., V)
+    log_q_top = z.gather(-1, topk_indices.long()) - torch.logsumexp(z, dim=-1, keepdim=True)  # (..., K)
+    if topk_logprobs.shape[-1] == student_logits.shape[-1]:  # every token: there is no tail
+        log_q, log_p = log_q_top, topk_logprobs.float()  # (..., V)
+    else:
+        log_q = _with_tail(log_q_top)  # (..., K + 1)
+        log_p = _with_tail(topk_logprobs.float())  # (..., K + 1)
+    if temperature != 1.0:
+        log_p = F.log_softmax(log_p / temperature, dim=-1)
+    values = _bucket_values(divergence, log_q, log_p, beta=beta, alpha=alpha)  # (...)
+    return _reduced(values, mask, weights, reduction, name)
 
 
 def _check_probability(value: float, option: str, name: str) -> None:
