@@ -33,12 +33,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ._types import Probability, Reduction, Temperature
 from .logits import _check_pair, _check_reduction, _check_temperature
 from .reduce import reduce_positions, weigh_positions
 
-__all__ = ["TOPK_DIVERGENCES", "adaptive_kl", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl", "topk_divergence", "tvd"]
+__all__ = [
+    "DIVERGENCES", "TOPK_DIVERGENCES", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl",
+    "topk_divergence", "tvd",
+]
 
 
 def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, name: str):
@@ -294,3 +298,69 @@ def topk_divergence(
 def _check_probability(value: float, option: str, name: str) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name}: {option} must be a number in [0, 1], got {value!r}")
+
+
+#: The full-vocabulary divergences by name (what :func:`chunked_divergence` accepts).
+DIVERGENCES = {f.__name__: f for f in (fkl, rkl, tvd, jsd, skew_fkl, skew_rkl, adaptive_kl)}
+
+
+def chunked_divergence(
+    student_hidden: torch.Tensor, head_weight: torch.Tensor, teacher_logits: torch.Tensor, *,
+    divergence: str = "fkl", chunk_size: int = 1024, head_bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, **options,
+) -> torch.Tensor:
+    """A divergence computed a chunk of positions at a time, fused with the student's output layer.
+
+    Shapes: ``student_hidden`` ``(..., H)`` the student's last hidden states (before its
+    ``lm_head``), ``head_weight`` ``(V, H)`` (and ``head_bias`` ``(V,)``) the ``lm_head``,
+    ``teacher_logits`` ``(..., V)``; ``mask``/``weights`` ``(...)`` or a prefix. The
+    student's logits exist for ``chunk_size`` positions at a time only: each chunk's
+    logits and divergence are recomputed in the backward pass (activation checkpointing),
+    so the loss's peak memory grows with ``chunk_size * V``, not with ``positions * V``.
+    ``divergence`` names one of :data:`DIVERGENCES`; ``options`` are its options
+    (``temperature``, ``beta``, ...). The value and the gradients equal
+    ``DIVERGENCES[divergence](F.linear(student_hidden, head_weight, head_bias), teacher_logits, ...)``
+    (the masked mean over positions), up to float rounding.
+    """
+    name = "chunked_divergence"
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"{name}: divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be an int >= 1, got {chunk_size!r}")
+    positions = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_logits.shape[:-1]) != positions or teacher_logits.shape[-1] != head_weight.shape[0]:
+        raise ValueError(f"{name}: teacher_logits {tuple(teacher_logits.shape)} must be (..., V) with the student's "
+                         f"positions {positions} and V = head_weight.shape[0] = {head_weight.shape[0]}")
+    fn = DIVERGENCES[divergence]
+    n = math.prod(positions)
+    hidden = student_hidden.reshape(n, -1)  # (N, H)
+    teacher = teacher_logits.reshape(n, -1)  # (N, V)
+    keep = _flat(mask, positions, torch.bool, hidden.device, name, "mask")  # (N,) or None
+    weigh = _flat(weights, positions, None, hidden.device, name, "weights")  # (N,) or None
+
+    def chunk_sum(h, w, b, t, m, wt):
+        logits = F.linear(h, w, b)  # (n_chunk, V): only this chunk's logits are alive
+        return fn(logits, t, mask=m, weights=wt, reduction="none", **options).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        part = slice(start, start + chunk_size)
+        total = total + checkpoint(chunk_sum, hidden[part], head_weight, head_bias, teacher[part],
+                                   None if keep is None else keep[part], None if weigh is None else weigh[part],
+                                   use_reentrant=False)
+    count = n if keep is None else keep.sum()
+    # The mean over kept positions, as reduce_positions (0 when nothing is kept).
+    return total / (count if keep is None else count.clamp(min=1))
+
+
+def _flat(t: torch.Tensor | None, positions: tuple[int, ...], dtype, device, name: str, what: str) -> torch.Tensor | None:
+    """A per-position ``mask``/``weights`` (``positions`` or a prefix) broadcast and flattened to ``(N,)``."""
+    if t is None:
+        return None
+    shape = tuple(t.shape)
+    if len(shape) > len(positions) or shape != positions[: len(shape)]:
+        raise ValueError(f"{name}: {what} of shape {shape} must equal the positions' shape {positions} or a prefix of it")
+    if dtype is torch.bool and t.dtype != torch.bool:
+        raise ValueError(f"{name}: mask must be a bool tensor (True = keep the position), got dtype {t.dtype}")
+    full = t.reshape(*shape, *([1] * (len(positions) - len(shape)))).expand(positions)
+    return full.reshape(-1).to(device)
