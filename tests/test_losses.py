@@ -43,7 +43,12 @@ NOT_ZERO_AT_EQUALITY = {
     "crd": "a contrastive bound: positive > 0 even for identical embeddings",
     "fitnet": "the regressor is random at initialisation (identity case tested below)",
     "label_only": "hard labels carry no confidence: CE against the student's own argmax is > 0",
+    "crkd": "the official cross-entropy form: the teacher's entropy, times the learnable weight, remains",
+    "uno": "reads no teacher: swapped prediction against Sinkhorn pseudo-labels",
 }
+
+#: Options a loss cannot be built without (the known classes of a novel-class-discovery loss).
+REQUIRED_OPTIONS = {"crkd": {"known": [0, 1, 2, 3, 4]}, "uno": {"known": [0, 1, 2, 3, 4]}}
 
 #: The papers' default weights (term weight, CE weight beside it) and inputs, pinned.
 DEFAULTS = {
@@ -53,6 +58,7 @@ DEFAULTS = {
     "sp": (3000.0, 1.0, "map"), "rkd": (1.0, 1.0, "feature"), "pkt": (30000.0, 1.0, "feature"),
     "crd": (0.8, 1.0, "feature"), "label_only": (1.0, 0.0, "logits"),
     "taid": (1.0, 0.0, "logits"), "ctkd": (0.9, 0.1, "logits"), "mixkd": (1.0, 0.0, "logits"),
+    "crkd": (0.1, 0.0, "logits"), "uno": (1.0, 0.0, "logits"),
     **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl")},
 }
 
@@ -69,6 +75,7 @@ def build(name: str, *, same_shapes: bool = False) -> DistillLoss:
         student_shape=s_shape,
         teacher_shape=t_shape if spec.uses_teacher else None,
         num_train_samples=NUM_TRAIN,
+        **REQUIRED_OPTIONS.get(name, {}),
     )
 
 
@@ -79,7 +86,9 @@ def batch_for(name: str, *, same: bool = False) -> tuple[torch.Tensor, torch.Ten
     teacher = student.detach().clone() if same else torch.randn(BATCH, *t_shape)  # requires_grad=False
     if getattr(spec.module, "target_field", None) == "labels":  # a label-only teacher answers class ids
         teacher = teacher.argmax(-1)
-    needs = {"target": torch.randint(CLASSES, (BATCH,)), "index": torch.randperm(NUM_TRAIN)[:BATCH]}
+    # labelled: all False, so losses about unlabelled samples (crkd, uno) count every sample.
+    needs = {"target": torch.randint(CLASSES, (BATCH,)), "index": torch.randperm(NUM_TRAIN)[:BATCH],
+             "labelled": torch.zeros(BATCH, dtype=torch.bool)}
     return student, teacher if spec.uses_teacher else None, {k: needs[k] for k in spec.needs}
 
 
