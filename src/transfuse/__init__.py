@@ -27,7 +27,7 @@ modules), ``participants`` and ``sources`` (who answers a batch), ``distiller``
 
 from ._version import __version__  # noqa: E402
 
-from . import analysis, data, functional, losses, models  # noqa: E402  (registries fill on import)
+from . import analysis, data, functional, losses, models, schemes  # noqa: E402  (registries fill on import)
 from .config import RunConfig, load_config  # noqa: E402
 from .distiller import Distiller, Ref, Term  # noqa: E402
 from .engine import FitSettings, fit  # noqa: E402

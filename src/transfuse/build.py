@@ -316,8 +316,10 @@ def _source_shapes(sources: Mapping[str, Any], wanted: Mapping[str, set[str]], b
             shapes[name] = {f: tuple(stored[f].shape) for f in stored}
         elif isinstance(source, LabelOnlyTeacher):  # one class id and one flag per sample
             shapes[name] = {f: () for f in fields}
-        else:  # an ensemble: its fields have its first member's shapes (computed before it, in this order)
-            shapes[name] = shapes[source.inputs[0]]
+        else:  # an ensemble: each field has its first member's shape for that field (computed before it)
+            first = source.inputs[0]
+            own = getattr(source, "own_field_shapes", {})  # fields the ensemble makes itself (by_class_group's group)
+            shapes[name] = {f: own[f] if f in own else shapes[first][sources[first].resolve_field(f)] for f in fields}
     return shapes
 
 

@@ -341,6 +341,7 @@ class ByClassGroup:
 
     trainable = False
     FIELDS = (LOGITS, "group")
+    own_field_shapes = {"group": ()}  #: per-sample shapes of the fields not taken from a member
 
     def __init__(self, name: str, members: Sequence[str], *, groups: Sequence[Sequence[int]]) -> None:
         _check_ensemble(name, members, 1.0)
