@@ -56,9 +56,12 @@ CLAIMS = {
     "taid": "beats KD (LLM instruction tuning)",
     "ctkd": "improves KD by learning the temperature",
     "mixkd": "std-temperature + partial mixup beats KD",
+    "tgeo": "a learned per-sample KD/CE fusion beats KD",
+    "trg": "token-graph relations beat KD (CIFAR-100, ImageNet)",
+    "scalekd": "cross-attention projector + dual-view mimicking beat the student alone",
 }
 #: The claims above that are made against training without a teacher, not against KD.
-CLAIMS_VS_NONE = {"at", "sp", "rkd", "pkt"}
+CLAIMS_VS_NONE = {"at", "sp", "rkd", "pkt", "scalekd"}
 SPATIAL_ONLY = {"at", "trg", "scalekd"}
 # Variants of KD that only make sense where labels are scarce, or that need the teacher-output cache:
 # `kd_cached` is KD with the teacher answered from disk (the same numbers as `kd`, at the cost of the
@@ -89,6 +92,12 @@ def run_config(setting: str, method: str, seed: int, *, steps: int, root: str | 
         cfg["teacher"]["cache"] = outputs
     if method == "mixkd":  # MIX-KD is its loss plus partial mixup of the batch (the teacher sees the mixed inputs)
         cfg["transforms"] = [{"name": "partial_mixup", "options": {}}]
+    if method == "tgeo":  # TGeo-KD learns its fusion ratio bilevel on 20% of the labelled images, held out from training
+        cfg["recipe"] = {"name": "tgeo_bilevel"}
+        cfg["data"]["holdout_fraction"] = 0.2
+    if method == "trg":  # TRG's total loss is L_logit (CE + KD at KD's default weights) + its relation terms
+        cfg["distill"] = {"terms": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9},
+                                    {"loss": "trg", "input": "student.map", "target": "teacher.map"}]}
     if method == "fitnet" and student["name"] == "mlp":
         # An MLP has no (C, H, W) map to regress onto the CNN teacher's hint map: its first
         # hidden layer regresses onto the teacher's penultimate embedding instead.

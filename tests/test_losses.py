@@ -47,6 +47,7 @@ NOT_ZERO_AT_EQUALITY = {
     "uno": "reads no teacher: swapped prediction against Sinkhorn pseudo-labels",
     "meta_dmoe_inner": "the target is the aggregator's transformation of the teacher feature",
     "concentration": "a cross-entropy against top-K soft targets: the teacher's entropy remains",
+    "tgeo": "its per-sample fusion includes the cross-entropy with the labels",
 }
 
 #: Options a loss cannot be built without (the known classes of a novel-class-discovery loss).
@@ -61,7 +62,7 @@ DEFAULTS = {
     "crd": (0.8, 1.0, "feature"), "label_only": (1.0, 0.0, "logits"),
     "taid": (1.0, 0.0, "logits"), "ctkd": (0.9, 0.1, "logits"), "mixkd": (1.0, 0.0, "logits"),
     "crkd": (0.1, 0.0, "logits"), "uno": (1.0, 0.0, "logits"),
-    "meta_dmoe_inner": (1.0, 0.0, "feature"), "concentration": (1.0, 0.0, "logits"),
+    "meta_dmoe_inner": (1.0, 0.0, "feature"), "concentration": (1.0, 0.0, "logits"), "tgeo": (1.0, 0.0, "logits"),
     **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl")},
 }
 
