@@ -159,3 +159,14 @@ def test_a_recipe_that_takes_holdout_gets_it_and_configs_are_checked(base_config
     cfg["data"]["holdout_fraction"] = 0.2
     with pytest.raises(ConfigError, match="reads no held-out data"):
         config_from_dict(cfg)
+
+
+def test_a_loss_with_its_own_step_names_the_recipe_it_needs(base_config):
+    cfg = copy.deepcopy(base_config)
+    cfg["distill"] = {"method": "tgeo"}
+    with pytest.raises(ConfigError, match=r"loss 'tgeo' is trained by its own step; set recipe: \{name: tgeo_bilevel\}"):
+        config_from_dict(cfg)
+    cfg["recipe"] = {"name": "tgeo_bilevel", "options": {"holdout": [1, 2]}}
+    cfg["data"]["holdout_fraction"] = 0.2
+    with pytest.raises(ConfigError, match="recipe.options.holdout: the held-out samples come from data.holdout_fraction"):
+        config_from_dict(cfg)

@@ -527,8 +527,12 @@ class RunConfig(_Strict):
             if source.combine == "by_class_group":
                 _check_class_groups(name, source.members, self.participants)
         _check_recipe_holdout(self.recipe.name, self.data.holdout_fraction)
+        if "holdout" in self.recipe.options:
+            raise ValueError("recipe.options.holdout: the held-out samples come from data.holdout_fraction, "
+                             "not from an option")
         for i, term in enumerate(self.resolved_terms()):
             where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"
+            _check_required_recipe(term.loss, self.recipe.name, where)
             _check_ref(term.input, where, "input", self.participants, sources, trainable=True)
             # Checked as the user wrote it (errors quote it); refs() adds the default field.
             target = (term.target or "teacher") if term.refs()[1] is not None else None
@@ -580,6 +584,18 @@ def _check_class_groups(name: str, members: list[str], participants: dict[str, P
                 raise ValueError(f"sources.{name}: class {cls} is in the train.classes of both {seen[cls]!r} and "
                                  f"{member!r}; the groups must be disjoint")
             seen[cls] = member
+
+
+def _check_required_recipe(loss: str, recipe: str, where: str) -> None:
+    """A loss that only works inside its own step recipe (``required_recipe`` on its module) names it."""
+    from .losses import LOSSES
+
+    if loss not in LOSSES:
+        return  # an unknown loss is reported by the term's own check
+    required = getattr(LOSSES.get(loss).module, "required_recipe", None)
+    if required is not None and recipe != required:
+        raise ValueError(f"{where}: loss {loss!r} is trained by its own step; set recipe: {{name: {required}}} "
+                         f"(the config has recipe {recipe!r})")
 
 
 def _check_recipe_holdout(recipe: str, holdout_fraction: float | None) -> None:

@@ -84,6 +84,9 @@ class TGeo(DistillLoss):
     has no fusion network yet.
     """
 
+    #: The step recipe this loss needs (checked when a config loads).
+    required_recipe = "tgeo_bilevel"
+
     needs = ("target",)
 
     def __init__(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 #: Batch entries that describe a sample rather than feed a model.
-BOOKKEEPING_KEYS = frozenset({"target", "labels", "index", "sample_id", "labelled"})
+#: (``domain``: a data set with domains; ``view``: which augmented view a row is, from ``two_views``.)
+BOOKKEEPING_KEYS = frozenset({"target", "labels", "index", "sample_id", "labelled", "domain", "view"})
 
 
 def logits_of(output: object) -> torch.Tensor:

@@ -131,6 +131,9 @@ class MetaDMoEInner(DistillLoss):
     domains each expert was trained on) are filled in by the scheme.
     """
 
+    #: The step recipe this loss needs (checked when a config loads).
+    required_recipe = "meta_dmoe"
+
     def __init__(
         self,
         *,
