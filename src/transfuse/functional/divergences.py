@@ -70,6 +70,13 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Ten
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
+def _divergence(name: str, student_logits, teacher_logits, temperature, mask, weights, reduction, *,
+                beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+    """The full-vocabulary divergence ``name``: log-probabilities, per-position values, reduction."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, name)
+    return _reduced(_bucket_values(name, log_q, log_p, beta=beta, alpha=alpha), mask, weights, reduction, name)
+
+
 def _reduced(values: torch.Tensor, mask, weights, reduction: str, name: str) -> torch.Tensor:
     _check_reduction(reduction, name)
     if reduction == "none":
@@ -89,8 +96,7 @@ def fkl(
     No ``T^2`` factor. Paper: Hinton et al., Distilling the Knowledge in a Neural Network,
     2015, https://arxiv.org/abs/1503.02531 (word-level KD for sequences: Kim & Rush, 2016).
     """
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "fkl")
-    return _reduced(_kl(log_p, log_q), mask, weights, reduction, "fkl")
+    return _divergence("fkl", student_logits, teacher_logits, temperature, mask, weights, reduction)
 
 
 def rkl(
@@ -103,8 +109,7 @@ def rkl(
     Paper: Gu et al., MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024,
     https://arxiv.org/abs/2306.08543 (which optimises it on the student's own samples).
     """
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "rkl")
-    return _reduced(_kl(log_q, log_p), mask, weights, reduction, "rkl")
+    return _divergence("rkl", student_logits, teacher_logits, temperature, mask, weights, reduction)
 
 
 def tvd(
@@ -117,9 +122,7 @@ def tvd(
     Paper: Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation,
     ACL 2023, https://arxiv.org/abs/2307.15190
     """
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "tvd")
-    values = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)  # (...)
-    return _reduced(values, mask, weights, reduction, "tvd")
+    return _divergence("tvd", student_logits, teacher_logits, temperature, mask, weights, reduction)
 
 
 def jsd(
@@ -136,10 +139,7 @@ def jsd(
     Self-Generated Mistakes (GKD), ICLR 2024, https://arxiv.org/abs/2306.13649
     """
     _check_probability(beta, "beta", "jsd")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "jsd")
-    log_m = _mix(log_p, log_q, beta)  # (..., V)
-    values = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    return _reduced(values, mask, weights, reduction, "jsd")
+    return _divergence("jsd", student_logits, teacher_logits, temperature, mask, weights, reduction, beta=beta)
 
 
 def skew_fkl(
@@ -156,8 +156,7 @@ def skew_fkl(
     ICML 2024, https://arxiv.org/abs/2402.03898
     """
     _check_probability(alpha, "alpha", "skew_fkl")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "skew_fkl")
-    return _reduced(_kl(log_p, _mix(log_p, log_q, alpha)), mask, weights, reduction, "skew_fkl")
+    return _divergence("skew_fkl", student_logits, teacher_logits, temperature, mask, weights, reduction, alpha=alpha)
 
 
 def skew_rkl(
@@ -171,8 +170,7 @@ def skew_rkl(
     Paper: Ko et al., DistiLLM, ICML 2024, https://arxiv.org/abs/2402.03898
     """
     _check_probability(alpha, "alpha", "skew_rkl")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, "skew_rkl")
-    return _reduced(_kl(log_q, _mix(log_q, log_p, alpha)), mask, weights, reduction, "skew_rkl")
+    return _divergence("skew_rkl", student_logits, teacher_logits, temperature, mask, weights, reduction, alpha=alpha)
 
 
 def adaptive_kl(
@@ -214,7 +212,8 @@ TOPK_DIVERGENCES = ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl")
 
 
 def _bucket_values(divergence: str, log_q: torch.Tensor, log_p: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
-    """One divergence per position from log-probabilities over the same buckets ``(..., K)``."""
+    """One divergence per position from log-probabilities over the same buckets ``(..., K)``: the
+    whole vocabulary, or a teacher's top-k tokens plus the tail."""
     if divergence == "fkl":
         return _kl(log_p, log_q)
     if divergence == "rkl":
