@@ -90,7 +90,7 @@ class PartialMixup:
         if x is None or not x.is_floating_point():
             raise ValueError("partial_mixup needs a float 'input' in the batch (image or feature data)")
         if not self._checked_sources and distiller is not None:
-            _refuse_cached_sources(distiller)
+            refuse_cached_sources(distiller, transform="partial_mixup")
             self._checked_sources = True
         size, device = x.shape[0], x.device
         perm = torch.randperm(size, device=device)  # (B,)
@@ -115,15 +115,16 @@ class PartialMixup:
         return out
 
 
-def _refuse_cached_sources(distiller: Any) -> None:
-    """A transform that changes the inputs cannot be labelled by a teacher read from disk."""
+def refuse_cached_sources(distiller: Any, *, transform: str) -> None:
+    """A transform that changes the inputs cannot be answered by a teacher read from disk:
+    the cache holds outputs for the unchanged samples. ``transform`` names it in the error."""
     from .sources import CachedOutputs
 
     cached = sorted(name for name, source in getattr(distiller, "sources", {}).items() if isinstance(source, CachedOutputs))
     if cached:
         raise ValueError(
-            f"partial_mixup changes the inputs, but {', '.join(cached)} answer(s) from a teacher-output cache, which "
-            "holds outputs for the unmixed samples; run the teacher itself (leave out its `cache`)"
+            f"{transform} changes the inputs, but {', '.join(cached)} answer(s) from a teacher-output cache, which "
+            "holds outputs for the unchanged samples; run the teacher itself (leave out its `cache`)"
         )
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..functional._types import PositiveInt, Temperature
 from ..functional.crkd import ClassIndices, crkd, uno_swapped_prediction
-from ..transforms import TRANSFORMS
+from ..transforms import TRANSFORMS, refuse_cached_sources
 from .base import register_loss
 from .module import DistillLoss
 
@@ -218,7 +218,7 @@ class TwoViews:
         if x is None or not x.is_floating_point():
             raise ValueError("two_views needs a float 'input' in the batch (image or feature data)")
         if not self._checked_sources and distiller is not None:
-            _refuse_cached_sources(distiller)
+            refuse_cached_sources(distiller, transform="two_views")
             self._checked_sources = True
         size = x.shape[0]
         out = {k: (v.repeat(self.views, *([1] * (v.dim() - 1))) if torch.is_tensor(v) and v.dim() and v.shape[0] == size
@@ -248,18 +248,6 @@ def random_shift(images: torch.Tensor, shift: int) -> torch.Tensor:
     picked = padded.gather(2, rows)  # (B, C, H, W+2s)
     cols = (dx[:, None] + torch.arange(w, device=images.device)).view(b, 1, 1, w).expand(-1, padded.shape[1], h, -1)
     return picked.gather(3, cols)  # (B, C, H, W)
-
-
-def _refuse_cached_sources(distiller: Any) -> None:
-    """The views change the inputs, so a teacher read from disk would answer for other images."""
-    from ..sources import CachedOutputs
-
-    cached = sorted(name for name, source in getattr(distiller, "sources", {}).items() if isinstance(source, CachedOutputs))
-    if cached:
-        raise ValueError(
-            f"two_views augments the inputs, but {', '.join(cached)} answer(s) from a teacher-output cache, which holds "
-            "outputs for the unaugmented samples; run the teacher itself (leave out its `cache`)"
-        )
 
 
 __all__ = ["CrKD", "TwoViews", "UNO", "VIEW", "random_shift"]
