@@ -48,6 +48,8 @@ NOT_ZERO_AT_EQUALITY = {
     "meta_dmoe_inner": "the target is the aggregator's transformation of the teacher feature",
     "concentration": "a cross-entropy against top-K soft targets: the teacher's entropy remains",
     "tgeo": "its per-sample fusion includes the cross-entropy with the labels",
+    "trg": "its InfoNCE is > 0 even for identical tokens, and the projection is random",
+    "scalekd": "the projectors are random at initialisation",
 }
 
 #: Options a loss cannot be built without (the known classes of a novel-class-discovery loss).
@@ -63,11 +65,12 @@ DEFAULTS = {
     "taid": (1.0, 0.0, "logits"), "ctkd": (0.9, 0.1, "logits"), "mixkd": (1.0, 0.0, "logits"),
     "crkd": (0.1, 0.0, "logits"), "uno": (1.0, 0.0, "logits"),
     "meta_dmoe_inner": (1.0, 0.0, "feature"), "concentration": (1.0, 0.0, "logits"), "tgeo": (1.0, 0.0, "logits"),
+    "trg": (1.0, 1.0, "map"), "scalekd": (1.0, 1.0, "map"),
     **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl")},
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.
-BATCH_RELATION = {"dist", "dist_t4", "sp", "rkd", "pkt", "crd"}
+BATCH_RELATION = {"dist", "dist_t4", "sp", "rkd", "pkt", "crd", "trg"}
 
 
 def build(name: str, *, same_shapes: bool = False) -> DistillLoss:

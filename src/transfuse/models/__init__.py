@@ -1,6 +1,6 @@
 """The model zoo: small classifiers for tests and benchmarks, and loaders for outside models.
 
-Registered names (``MODELS``): ``mlp``, ``cnn``, ``resnet``, ``wrn``, ``hf``, ``timm``,
+Registered names (``MODELS``): ``mlp``, ``cnn``, ``resnet``, ``wrn``, ``vit``, ``hf``, ``timm``,
 ``torchvision``. Every built-in model maps ``(B, *input_shape)`` to logits
 ``(B, num_classes)`` and declares ``feature_layer`` (penultimate embedding ``(B, D)``),
 ``hint_layer`` (the middle stage, FitNets' hint) and ``map_layer`` (the last map before
@@ -14,5 +14,6 @@ from .cnn import SmallCNN
 from .hf import HFClassifier
 from .mlp import MLP
 from .resnet import CifarResNet, WideResNet
+from .vit import TinyViT
 
-__all__ = ["MODELS", "MLP", "CifarResNet", "HFClassifier", "SmallCNN", "WideResNet", "build_model"]
+__all__ = ["MODELS", "MLP", "CifarResNet", "HFClassifier", "SmallCNN", "TinyViT", "WideResNet", "build_model"]
