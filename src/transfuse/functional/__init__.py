@@ -18,6 +18,14 @@ Two families, by how a mask and per-sample weights apply:
 
 Helpers: :func:`weigh_positions`, :func:`attention_map`, :func:`pairwise_distances`, and
 CRD's pieces :func:`crd_scores`, :func:`crd_nce_loss` (used by the ``crd`` module).
+
+Methods added one module each (their public names are re-exported here from each module's
+``__all__``): :mod:`.divergences` (the token divergences ``fkl``, ``rkl``, ``tvd``, ``jsd``,
+``skew_fkl``, ``skew_rkl``, ``adaptive_kl``; ``topk_divergence``; ``chunked_divergence``),
+:mod:`.tgeo` (TGeo-KD), :mod:`.trg` (TRG), :mod:`.scalekd` (ScaleKD), :mod:`.crkd` (Cr-KD,
+Sinkhorn, UNO's swapped prediction), :mod:`.concentration` (Knowledge Concentration),
+:mod:`.meta_dmoe` (Meta-DMoE's inner step), :mod:`.hard` (HARD's warp and objective),
+:mod:`.knfu` (KnFu's fusion weights).
 """
 
 from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probability, Reduction, Temperature
