@@ -11,7 +11,7 @@ from torch import nn
 from transfuse.models import MODELS, build_model
 from transfuse.registry import UnknownNameError
 
-EXTERNAL = {"hf", "timm", "torchvision"}  # need outside packages or files: tested on their own
+EXTERNAL = {"hf", "timm", "torchvision", "causal_lm"}  # need outside packages or files, or take tokens: tested on their own
 ZOO = [name for name in MODELS.names() if name not in EXTERNAL]
 SHAPES = [(1, 8, 8), (1, 28, 28)]
 HINT_RANK = {"mlp": 2}  # every other built-in model's hint is a (B, C, H, W) map

@@ -7,7 +7,7 @@ Registered names (``MODELS``): ``mlp``, ``cnn``, ``resnet``, ``wrn``, ``vit``, `
 pooling, SP's layer) as module paths; see ``docs/models-and-data.md``.
 """
 
-from . import cnn, hf, mlp, resnet, vision, vit  # noqa: F401  (importing registers the models)
+from . import causal_lm, cnn, hf, mlp, resnet, vision, vit  # noqa: F401  (importing registers the models)
 from .base import MODELS
 from .build import build_model
 from .cnn import SmallCNN
