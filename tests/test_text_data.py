@@ -91,7 +91,8 @@ def test_token_rows_subset_keeps_ids_and_fields_and_batches():
     assert batch["domain"].tolist() == [0, 1] and batch["input_ids"][0].tolist() == [16, 17, 18, 19]
     assert sub[1]["sample_id"] == 1 and sub[1]["labels"].tolist() == [4, 5, 6, 7]
     assert sub.subset(torch.tensor([True, False])).sample_ids.tolist() == [4]
-    assert set(first_batch(rows)) == {"input_ids", "attention_mask", "labels", "domain", "index", "sample_id"}
+    assert set(first_batch(rows)) == {"input_ids", "attention_mask", "labels", "target", "predicted", "domain", "index",
+                                      "sample_id"}
     with pytest.raises(ValueError, match="a padded position"):
         TokenRows(torch.ones(1, 3, dtype=torch.long), torch.tensor([[1, 1, 0]]), torch.tensor([[1, 1, 1]]))
     with pytest.raises(ValueError, match="field 'labels' would overwrite"):

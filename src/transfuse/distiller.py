@@ -38,6 +38,9 @@ from .schedules import Constant, Schedule
 
 #: Batch entry that marks labelled samples in a transfer set (absent: all are labelled).
 LABELLED = "labelled"
+#: Batch entry of token rows ``(B, T)``: True where position ``t``'s prediction (of token
+#: ``t + 1``) carries loss; the default mask of every position-wise term.
+PREDICTED = "predicted"
 
 
 class DistillShapeError(UserError, ValueError):
@@ -81,7 +84,8 @@ class Term:
     ``detach_target``: stop gradients into the target's participant (default); set it to
     False only for a method that trains both sides through one term.
     ``mask``: a boolean batch entry selecting the positions/samples the loss counts
-    (default: ``"labelled"`` for losses that read labels, when the batch has it).
+    (default: ``"predicted"`` for position-wise losses on token rows; else ``"labelled"``
+    for losses that read labels, when the batch has it).
     ``sample_weights``: a float batch entry ``(B,)`` of per-sample weights.
     """
 
@@ -329,6 +333,10 @@ def _entry(term: Term, batch: Mapping[str, torch.Tensor], key: str | None) -> to
 def _mask(term: Term, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     if term.mask is not None:
         return _entry(term, batch, term.mask)
+    # Token rows: only the positions that predict a token carrying loss count, for every
+    # position-wise term (not the last position, padding or a prompt).
+    if PREDICTED in batch and getattr(term.loss, "positionwise", True):
+        return batch[PREDICTED]
     # A loss that reads labels must not count samples that have none.
     if "target" in term.needs and LABELLED in batch:
         return batch[LABELLED]

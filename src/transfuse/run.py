@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from .analysis import accuracy, agreement, expected_calibration_error, predict
+from .analysis import accuracy, agreement, expected_calibration_error, predict, token_agreement, token_scores
 from ._version import __version__
 from .atomic import write_atomic
 from .build import (
@@ -123,8 +123,7 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
         scores = {}
         for name, model in distiller.models.items():
             logits, targets = predict(model, splits.test, batch_size=cfg.train.eval_batch_size, device=fabric.device)
-            scores[f"{name}/accuracy"] = accuracy(logits, targets)
-            scores[f"{name}/ece"] = expected_calibration_error(logits, targets)
+            scores.update({f"{name}/{k}": v for k, v in test_scores(logits, targets, splits.test).items()})
         return scores
 
     trained = ", ".join(distiller.trainable_names)
@@ -267,8 +266,7 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
             "model": cfg.participants[name].name,
             "trainable": participant.trainable,
             "params": sum(p.numel() for p in model.parameters()),
-            "accuracy": accuracy(logits[name], targets),
-            "ece": expected_calibration_error(logits[name], targets),
+            **test_scores(logits[name], targets, splits.test),
         }
     trainable = [n for n in entries if entries[n]["trainable"]]
     frozen = [n for n in entries if not entries[n]["trainable"]]
@@ -285,7 +283,8 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
         "student_labelled_samples": n_labelled,
         "student": entries[student],
         "teacher": entries.get(teacher) if teacher else None,
-        "agreement": agreement(logits[student], logits[teacher]) if teacher else None,
+        "agreement": (token_agreement(logits[student], logits[teacher], targets) if targets.dim() > 1 else
+                      agreement(logits[student], logits[teacher])) if teacher else None,
         "participants": entries,
         "cached": sorted(n for n, p in cfg.participants.items() if p.cache),
         "learned_weights": {name: dict(zip(src.inputs, src.weights().tolist())) for name, src in distiller.learned.items()},
@@ -295,6 +294,22 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
     }
     summary.update(transfuse_version=__version__, torch_version=torch.__version__, git_commit=_git_commit())
     return summary
+
+
+def test_scores(logits: torch.Tensor, targets: torch.Tensor, test_set: Any) -> dict[str, float]:
+    """A model's scores on the test split: ``accuracy`` and ``ece`` of a classifier; for a
+    language model (logits ``(N, T, V)``) the same over the predicted tokens plus ``nll``
+    and ``perplexity``, and ``kl_to_truth`` where the data know their true next-token
+    distribution (``markov``)."""
+    if logits.dim() == 2:
+        return {"accuracy": accuracy(logits, targets), "ece": expected_calibration_error(logits, targets)}
+    scores = token_scores(logits, targets)
+    chains = getattr(test_set, "chains", None)
+    if chains is not None:
+        rows = test_set.__getitems__(list(range(len(test_set))))
+        scores["kl_to_truth"] = float(chains.kl_to_truth(logits, rows["input_ids"], rows.get("domain"),
+                                                         rows["labels"] != -100))
+    return scores
 
 
 def _prepare_run_dir(out: Path, cfg: RunConfig, *, resume: bool, say) -> None:

@@ -9,8 +9,9 @@ from .clustering import cluster_accuracy, cluster_mapping, novel_class_scores
 from .compare import compare, compare_logits
 from .metrics import accuracy, agreement, expected_calibration_error, flips, prediction_flips
 from .predict import predict
+from .tokens import scored_positions, token_agreement, token_scores
 
 __all__ = [
     "accuracy", "agreement", "cluster_accuracy", "cluster_mapping", "novel_class_scores", "compare", "compare_logits", "expected_calibration_error", "flips", "prediction_flips",
-    "predict",
+    "predict", "scored_positions", "token_agreement", "token_scores",
 ]

@@ -56,6 +56,12 @@ class TokenRows(Dataset):
     kept by :meth:`subset`. ``ids`` are the stable sample ids (default ``0..N-1``).
     ``vocab_size``, when given, is checked against every token id (and every label that is
     not :data:`IGNORE_INDEX`).
+
+    Samples also carry ``target`` ``(T,)``, the next-token target of every position
+    (``labels`` shifted left, :data:`IGNORE_INDEX` at the last position), and ``predicted``
+    ``(T,)`` bool, where that target carries loss: the model keeps its full ``(B, T, V)``
+    logits, and ``predicted`` is the default mask of every position-wise term, so a loss is
+    the mean over the positions that predict a labelled token (``T - 1`` of a full row).
     """
 
     def __init__(
@@ -121,7 +127,12 @@ class TokenRows(Dataset):
         return self._ids
 
     def _rows(self, idx: Any) -> Batch:
-        out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
+        labels = self.labels[idx]  # (..., T)
+        # The next-token target of every position: position t's logits predict token t + 1,
+        # so the last position predicts nothing. The model keeps its full (B, T, V) logits.
+        target = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)  # (..., T)
+        out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": labels,
+               "target": target, "predicted": target != IGNORE_INDEX}
         out.update({key: values[idx] for key, values in self.fields.items()})
         return out
 

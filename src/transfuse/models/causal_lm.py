@@ -57,11 +57,13 @@ class CausalLM(nn.Module):
 
 def _config(transformers: Any, architecture: str, vocab: int, context: int, layers: int, width: int, heads: int):
     if architecture == "gpt2":
+        # No special tokens: the data's tokenizer owns them (GPT-2's default ids lie outside a small vocabulary).
         return transformers.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers,
-                                       n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                       n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=None, eos_token_id=None)
     return transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=context, hidden_size=width,
                                     intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                                    num_key_value_heads=heads)
+                                    num_key_value_heads=heads, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 @MODELS.register("causal_lm", summary="Hugging Face causal LM: a local save_pretrained folder, or gpt2/llama built from sizes")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 #: Batch entries that describe a sample rather than feed a model.
-#: (``domain``: a data set with domains; ``view``: which augmented view a row is, from ``two_views``.)
-BOOKKEEPING_KEYS = frozenset({"target", "labels", "index", "sample_id", "labelled", "domain", "view"})
+#: (``domain``: a data set with domains; ``view``: which augmented view a row is, from ``two_views``;
+#: ``predicted``: the positions of token rows that carry loss.)
+BOOKKEEPING_KEYS = frozenset({"target", "labels", "index", "sample_id", "labelled", "domain", "view", "predicted"})
 
 
 def logits_of(output: object) -> torch.Tensor:
