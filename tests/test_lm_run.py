@@ -90,3 +90,46 @@ def test_a_markov_run_reports_perplexity_and_kl_to_truth_and_distillation_moves_
     start = run(config_from_dict({**cfg, "train": {**cfg["train"], "steps": 1, "checkpoint_every": 1}}),
                 out_dir=tmp_path / "start", quiet=True)["student"]
     assert student["kl_to_truth"] < start["kl_to_truth"] - 0.1
+
+
+def _padded_rows(n: int = 32) -> TokenRows:
+    """Rows of very different lengths (right-padded) and prompts, so micro-batches hold
+    very different numbers of predicted positions."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(VOCAB, (n, T), generator=g)
+    lengths = torch.randint(3, T + 1, (n,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    labels = torch.where(mask.bool(), ids, torch.full((), -100))
+    labels[: n // 2, :2] = -100  # prompts on half the rows
+    return TokenRows(ids * mask, mask, labels)
+
+
+def _fit_lm(tmp_path, *, batch_size: int, accumulate: int):
+    from lightning_fabric import Fabric
+
+    from transfuse.engine import FitSettings, fit
+    from transfuse.optim import make_optimizer
+
+    torch.manual_seed(0)
+    student = build_model("causal_lm", input_shape=(T,), num_classes=VOCAB, layers=1, width=16, heads=2)
+    distiller = Distiller([Participant("student", student)],
+                          [Term(name="ce", loss=LOSSES.get("ce").build(), input="student.logits", target=None)])
+    optimizer = make_optimizer(distiller.parameters(), name="sgd", lr=0.5, momentum=0.0)
+    settings = FitSettings(steps=4, batch_size=batch_size, accumulate=accumulate, seed=1, log_every=2,
+                           checkpoint_every=4, progress=False)
+    fit(Fabric(accelerator="cpu", devices=1), distiller, optimizer, _padded_rows(), settings,
+        run_dir=tmp_path / f"b{batch_size}a{accumulate}")
+    return student
+
+
+def test_gradient_accumulation_gives_the_step_of_one_big_batch_whatever_the_padding(tmp_path):
+    """The loss of a step is the mean over all its predicted positions: cutting the step into
+    micro-batches with different numbers of predicted positions changes nothing."""
+    big = _fit_lm(tmp_path, batch_size=16, accumulate=1)
+    cut = _fit_lm(tmp_path, batch_size=4, accumulate=4)
+    for p, q in zip(big.parameters(), cut.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+    # A plain mean of the micro-batches' means (each scaled by 1/accumulate) would not be.
+    rows = _padded_rows().__getitems__(list(range(16)))
+    counts = rows["predicted"].reshape(4, 4, T).sum(dim=(1, 2))
+    assert len(set(counts.tolist())) > 1

@@ -9,8 +9,9 @@ optimizer steps, handing the inner step to a :class:`~transfuse.recipes.Recipe`:
 * the data order is a pure function of ``(seed, step)`` (:class:`StepBatchSampler`), so a
   run resumed from step ``k`` sees exactly the batches an uninterrupted run sees after
   ``k``; with RNG and optimizer state restored, CPU resumes are bit-identical;
-* ``accumulate`` micro-batches make one optimizer step, each scaled by ``1/accumulate``,
-  so the gradient equals the one of a single batch of ``batch_size * accumulate``;
+* ``accumulate`` micro-batches make one optimizer step, each scaled by ``1/accumulate``
+  (token rows: by its share of the step's predicted positions), so the gradient equals the
+  one of a single batch of ``batch_size * accumulate``;
 * a non-finite loss stops training before the bad update, keeping the last good
   checkpoint, and says at which step, in which term and -- when the batch itself holds
   NaN/inf values -- in which samples it happened;

@@ -22,6 +22,7 @@ student); randomness must come from torch's RNG, which checkpoints restore.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -79,23 +80,55 @@ def _update(ctx: StepContext, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
+#: Batch entry of token rows: the positions that carry loss (see transfuse.data.text).
+PREDICTED = "predicted"
+
+
+def _shares(ctx: StepContext, batches) -> tuple[list, list[torch.Tensor] | list[float]]:
+    """The micro-batches, and the factor each one's loss is multiplied by.
+
+    Samples: ``1 / accumulate`` each, so the gradient equals one batch of ``batch_size *
+    accumulate``. Token rows (a ``predicted`` entry): each micro-batch's loss is a mean over
+    its own predicted positions, so it is weighted by its share of the step's predicted
+    positions, over every micro-batch and every process -- the gradient of the mean over all
+    the step's predicted positions, whatever the padding and however the step is cut into
+    micro-batches (DDP averages gradients over processes, hence the ``world_size`` factor).
+    """
+    k = ctx.accumulate
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return [], []
+    if PREDICTED not in first:
+        return itertools.chain([first], batches), [1.0 / k] * k
+    every = [first, *batches]
+    counts = torch.stack([b[PREDICTED].sum() for b in every]).float()  # (k,), on the device
+    total = counts.sum()
+    world = getattr(ctx.fabric, "world_size", 1)
+    if world > 1:
+        total = ctx.fabric.all_reduce(total, reduce_op="sum")
+    return every, list(counts * world / total.clamp(min=1.0))
+
+
 def _backward_over(ctx: StepContext, batches, owner: str | None = None) -> StepResult:
-    """Forward and backward over the micro-batches, each loss divided by ``accumulate`` (so
-    the gradient equals one batch of ``batch_size * accumulate``). ``owner``: back-propagate
-    only the terms that train that participant (and report only their parts); None: all."""
+    """Forward and backward over the micro-batches, each loss weighted by :func:`_shares`
+    (``1 / accumulate`` for samples, the share of predicted positions for token rows).
+    ``owner``: back-propagate only the terms that train that participant (and report only
+    their parts); None: all."""
     fabric, k = ctx.fabric, ctx.accumulate
     loss_sum: torch.Tensor | None = None
     parts: dict[str, torch.Tensor] = {}
-    for micro, batch in enumerate(batches):
+    batches, shares = _shares(ctx, batches)
+    for micro, (batch, share) in enumerate(zip(batches, shares)):
         with fabric.no_backward_sync(ctx.model, enabled=micro < k - 1):
             out = ctx.model(batch, ctx.step)
             loss = out["loss"] if owner is None else out["by_input"][owner]
-            fabric.backward(loss / k)
-        loss = loss.detach() / k
+            fabric.backward(loss * share)
+        loss = loss.detach() * share
         loss_sum = loss if loss_sum is None else loss_sum + loss
         for name, value in out["parts"].items():
             if owner is None or name in out["inputs"][owner]:
-                parts[name] = value / k if name not in parts else parts[name] + value / k
+                parts[name] = value * share if name not in parts else parts[name] + value * share
     assert loss_sum is not None, "a step needs at least one micro-batch"
     return StepResult(loss=loss_sum, parts=parts)
 
