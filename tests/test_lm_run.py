@@ -84,6 +84,16 @@ def test_a_markov_run_reports_perplexity_and_kl_to_truth_and_distillation_moves_
     for entry in (student, teacher):
         assert entry["perplexity"] == pytest.approx(math.exp(entry["nll"]))
         assert entry["kl_to_truth"] > 0
+    # The student is also written for plain transformers, the same model.
+    import transformers
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "fkl" / "student-hf"), local_files_only=True)
+    ids = torch.randint(16, (2, 24))
+    ours = build_model("causal_lm", input_shape=(24,), num_classes=plain.config.vocab_size, layers=1, width=32, heads=2)
+    from safetensors.torch import load_file
+
+    ours.load_state_dict(load_file(tmp_path / "fkl" / "student.safetensors"))
+    torch.testing.assert_close(plain.eval()(input_ids=ids).logits, ours.eval()(ids))
     # The trained teacher is closer to the truth than a student trained for 60 steps, and
     # distillation brings the student closer to the truth than where it started.
     assert teacher["kl_to_truth"] < student["kl_to_truth"]

@@ -136,6 +136,8 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
     if fabric.global_rank == 0:
         for name, model in distiller.models.items():
             save_weights(out / f"{name}.safetensors", model.state_dict())
+            if hasattr(model, "save_pretrained"):  # a Hugging Face model: also the folder plain transformers loads
+                _save_pretrained(model, out / f"{name}-hf")
         summary = _summarise(cfg, distiller, splits, fabric.device, len(train_set), _num_labelled(train_set))
         summary.update(steps=result.steps, resumed_from=result.resumed_from, wall_time_s=round(time.perf_counter() - t_start, 3),
                        train_wall_time_s=round(result.wall_time_s, 3), threads=torch.get_num_threads())
@@ -294,6 +296,16 @@ def _summarise(cfg: RunConfig, distiller: Distiller, splits, device, n_train: in
     }
     summary.update(transfuse_version=__version__, torch_version=torch.__version__, git_commit=_git_commit())
     return summary
+
+
+def _save_pretrained(model: Any, folder: Path) -> None:
+    """``model.save_pretrained`` into ``folder``, written beside it first and then renamed,
+    so a killed run never leaves a half-written model folder."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def test_scores(logits: torch.Tensor, targets: torch.Tensor, test_set: Any) -> dict[str, float]:
