@@ -134,4 +134,4 @@ def make_transform(name: str, **options: Any):
     return TRANSFORMS.get(name)(**options)
 
 
-from . import hard  # noqa: E402,F401  (registers the adversarial augmentation transforms)
+from . import hard, on_policy  # noqa: E402,F401  (register HARD's and on-policy generation's transforms)
