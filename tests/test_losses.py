@@ -66,7 +66,8 @@ DEFAULTS = {
     "crkd": (0.1, 0.0, "logits"), "uno": (1.0, 0.0, "logits"),
     "meta_dmoe_inner": (1.0, 0.0, "feature"), "concentration": (1.0, 0.0, "logits"), "tgeo": (1.0, 0.0, "logits"),
     "trg": (1.0, 1.0, "map"), "scalekd": (1.0, 1.0, "map"),
-    **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl")},
+    **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl",
+                                                "sampled_rkl")},
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.

@@ -30,6 +30,7 @@ so a zero probability never produces ``log 0 * 0 = nan``.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,8 @@ from .logits import _check_pair, _check_reduction, _check_temperature
 from .reduce import reduce_positions, weigh_positions
 
 __all__ = [
-    "DIVERGENCES", "TOPK_DIVERGENCES", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "skew_fkl", "skew_rkl",
-    "topk_divergence", "tvd",
+    "DIVERGENCES", "TOPK_DIVERGENCES", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "sampled_reverse_kl",
+    "skew_fkl", "skew_rkl", "topk_divergence", "tvd",
 ]
 
 
@@ -363,3 +364,51 @@ def _flat(t: torch.Tensor | None, positions: tuple[int, ...], dtype, device, nam
         raise ValueError(f"{name}: mask must be a bool tensor (True = keep the position), got dtype {t.dtype}")
     full = t.reshape(*shape, *([1] * (len(positions) - len(shape)))).expand(positions)
     return full.reshape(-1).to(device)
+
+
+def sampled_reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
+    estimator: Literal["k1", "k3"] = "k3", temperature: Temperature = 1.0, mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Reverse KL ``KL(q || p)`` estimated at tokens sampled from the student, per position.
+
+    For on-policy distillation (MiniLLM; GKD with ``lmbda = 1``): ``target`` ``(...)`` are
+    the student's own samples (the ``target`` that the ``on_policy`` transform writes), so
+    ``E_{y~q}[log q(y) - log p(y)] = KL(q || p)``. The value per position is the estimate
+    ``estimator``: ``"k1"`` = ``log q(y) - log p(y)`` (unbiased), or ``"k3"`` =
+    ``(r - 1) - log r`` with ``r = p(y) / q(y)`` (unbiased too, never negative, lower
+    variance). The gradient is the score-function (REINFORCE) estimator of the reverse KL's
+    gradient, ``stopgrad(log q(y) - log p(y)) * grad log q(y)``, whichever estimate is
+    reported: only the student's log-probability of its sampled token carries gradient; the
+    teacher's is a per-token reward. Only the sampled tokens' log-probabilities are read
+    (one logsumexp per position, no ``(..., V)`` log-softmax is kept). Shapes: logits
+    ``(..., V)``, ``target`` ``(...)`` int64 (negative = no token: masked out).
+
+    Papers: Gu et al., MiniLLM, ICLR 2024, https://arxiv.org/abs/2306.08543; Agarwal et al.,
+    GKD, ICLR 2024, https://arxiv.org/abs/2306.13649. k1/k3: Schulman, Approximating KL
+    Divergence, 2020, http://joschu.net/blog/kl-approx.html
+    """
+    name = "sampled_reverse_kl"
+    _check_pair(student_logits, teacher_logits, name)
+    _check_temperature(temperature, name)
+    if estimator not in ("k1", "k3"):
+        raise ValueError(f"{name}: estimator must be 'k1' or 'k3'; got {estimator!r}")
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(f"{name}: target {tuple(target.shape)} must have the logits' positions "
+                         f"{tuple(student_logits.shape[:-1])}")
+    has_token = target >= 0
+    index = target.clamp(min=0).long().unsqueeze(-1)  # (..., 1)
+    z_s = student_logits.float() / temperature
+    z_t = teacher_logits.float() / temperature
+    log_q = (z_s.gather(-1, index).squeeze(-1) - torch.logsumexp(z_s, dim=-1))  # (...)
+    log_p = (z_t.gather(-1, index).squeeze(-1) - torch.logsumexp(z_t, dim=-1)).detach()  # (...)
+    k1 = (log_q - log_p).detach()
+    value = k1 if estimator == "k1" else torch.expm1(-k1) + k1  # k3 = (r - 1) - log r, r = exp(-k1)
+    # Its value is the estimate; its gradient is k1 * grad log q (the surrogate term is 0 in value).
+    values = value + k1 * (log_q - log_q.detach())
+    full_mask = has_token if mask is None else (mask.bool() & has_token) if mask.shape == has_token.shape else None
+    if full_mask is None:  # a per-sample mask: keep it, and zero the positions without a token
+        values = torch.where(has_token, values, torch.zeros_like(values))
+        return _reduced(values, mask, weights, reduction, name)
+    return _reduced(values, full_mask, weights, reduction, name)

@@ -35,3 +35,10 @@ _LOSSES = [
 
 for _fn, _summary, _paper in _LOSSES:
     register_loss(_fn, name=_fn.__name__, kind="logits", summary=_summary, paper=_paper, weight=1.0, ce_weight=0.0)
+
+register_loss(D.sampled_reverse_kl, name="sampled_rkl", kind="logits",
+              summary="reverse KL estimated at the student's own sampled tokens (k1 or k3), score-function gradient; "
+                      "use with the on_policy transform",
+              paper="Gu et al., MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024, "
+                    "https://arxiv.org/abs/2306.08543",
+              weight=1.0, ce_weight=0.0, needs=("target",))
