@@ -32,15 +32,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .data.text import PREDICTED
 from .errors import UserError
 from .participants import LOGITS, Outputs, Participant, Source
 from .schedules import Constant, Schedule
 
 #: Batch entry that marks labelled samples in a transfer set (absent: all are labelled).
 LABELLED = "labelled"
-#: Batch entry of token rows ``(B, T)``: True where position ``t``'s prediction (of token
-#: ``t + 1``) carries loss; the default mask of every position-wise term.
-PREDICTED = "predicted"
+
 
 
 class DistillShapeError(UserError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data.text import IGNORE_INDEX
+from .data.text import IGNORE_INDEX, next_token_targets
 from .functional._types import Probability, Temperature
 from .models.outputs import call_model
 from .participants import Participant
@@ -112,6 +112,5 @@ class OnPolicy:
         out["attention_mask"][chosen] = 1
         out["labels"] = labels.clone()
         out["labels"][chosen] = new_labels
-        target = torch.cat([out["labels"][:, 1:], torch.full_like(out["labels"][:, :1], IGNORE_INDEX)], dim=1)
-        out["target"], out["predicted"] = target, target != IGNORE_INDEX
+        out.update(next_token_targets(out["labels"]))
         return out

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 
+from .data.text import PREDICTED
 from .registry import Registry
 
 Batch = dict[str, torch.Tensor]
@@ -80,8 +81,6 @@ def _update(ctx: StepContext, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-#: Batch entry of token rows: the positions that carry loss (see transfuse.data.text).
-PREDICTED = "predicted"
 
 
 def _shares(ctx: StepContext, batches) -> tuple[list, list[torch.Tensor] | list[float]]:

@@ -38,6 +38,7 @@ from .build import (
 )
 from .checkpoint import CheckpointError, latest_checkpoint, load_into, load_weights, save_weights
 from .config import RunConfig, config_from_dict
+from .data.text import IGNORE_INDEX
 from .distiller import Distiller, Term
 from .engine import CHECKPOINTS, fit
 from .losses import LOSSES
@@ -320,7 +321,7 @@ def test_scores(logits: torch.Tensor, targets: torch.Tensor, test_set: Any) -> d
     if chains is not None:
         rows = test_set.__getitems__(list(range(len(test_set))))
         scores["kl_to_truth"] = float(chains.kl_to_truth(logits, rows["input_ids"], rows.get("domain"),
-                                                         rows["labels"] != -100))
+                                                         rows["labels"] != IGNORE_INDEX))
     return scores
 
 

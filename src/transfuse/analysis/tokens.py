@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..data.text import IGNORE_INDEX
 from .metrics import accuracy, agreement, expected_calibration_error
 
 #: Targets with this value are not scored (padding, prompts, a row's last position).
-UNSCORED = -100
+UNSCORED = IGNORE_INDEX
 
 
 def scored_positions(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,11 +128,8 @@ class TokenRows(Dataset):
 
     def _rows(self, idx: Any) -> Batch:
         labels = self.labels[idx]  # (..., T)
-        # The next-token target of every position: position t's logits predict token t + 1,
-        # so the last position predicts nothing. The model keeps its full (B, T, V) logits.
-        target = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)  # (..., T)
         out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": labels,
-               "target": target, "predicted": target != IGNORE_INDEX}
+               **next_token_targets(labels)}
         out.update({key: values[idx] for key, values in self.fields.items()})
         return out
 
@@ -168,6 +165,23 @@ class TokenRows(Dataset):
     def num_loss_tokens(self) -> int:
         """How many positions carry loss in the whole dataset (targets after the shift)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+#: Batch entry of token rows ``(..., T)`` bool: where position ``t``'s prediction (of token
+#: ``t + 1``) carries loss. The Distiller's default mask for position-wise terms, and what a
+#: step's token count is taken from under gradient accumulation.
+PREDICTED = "predicted"
+
+
+def next_token_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"target", "predicted"}`` of unshifted ``labels`` ``(..., T)``, both ``(..., T)``.
+
+    Position ``t``'s logits predict token ``t + 1``, so ``target`` is ``labels`` shifted left
+    with :data:`IGNORE_INDEX` at the last position (which predicts nothing), and
+    ``predicted`` is ``target != IGNORE_INDEX``. The model keeps its full ``(B, T, V)`` logits.
+    """
+    target = torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], dim=-1)  # (..., T)
+    return {"target": target, PREDICTED: target != IGNORE_INDEX}
 
 
 def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
