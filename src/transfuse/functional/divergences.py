@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._types import Probability, Reduction, Temperature
 from .logits import _check_pair, _check_reduction, _check_temperature
-from .reduce import reduce_positions, weigh_positions
+from .reduce import _checked, reduce_positions, weigh_positions
 
 __all__ = [
     "DIVERGENCES", "TOPK_DIVERGENCES", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "sampled_reverse_kl",
@@ -335,8 +335,10 @@ def chunked_divergence(
     n = math.prod(positions)
     hidden = student_hidden.reshape(n, -1)  # (N, H)
     teacher = teacher_logits.reshape(n, -1)  # (N, V)
-    keep = _flat(mask, positions, torch.bool, hidden.device, name, "mask")  # (N,) or None
-    weigh = _flat(weights, positions, None, hidden.device, name, "weights")  # (N,) or None
+    # The one alignment rule of the reduction (a mask/weights of the positions' shape or a
+    # prefix of it), checked against the positions' shape alone, then flattened to (N,).
+    keep, weigh = (None if t is None else t.expand(positions).reshape(-1).to(hidden.device)
+                   for t in _checked(torch.empty(positions, device="meta"), mask, weights, name))
 
     def chunk_sum(h, w, b, t, m, wt):
         logits = F.linear(h, w, b)  # (n_chunk, V): only this chunk's logits are alive
@@ -351,19 +353,6 @@ def chunked_divergence(
     count = n if keep is None else keep.sum()
     # The mean over kept positions, as reduce_positions (0 when nothing is kept).
     return total / (count if keep is None else count.clamp(min=1))
-
-
-def _flat(t: torch.Tensor | None, positions: tuple[int, ...], dtype, device, name: str, what: str) -> torch.Tensor | None:
-    """A per-position ``mask``/``weights`` (``positions`` or a prefix) broadcast and flattened to ``(N,)``."""
-    if t is None:
-        return None
-    shape = tuple(t.shape)
-    if len(shape) > len(positions) or shape != positions[: len(shape)]:
-        raise ValueError(f"{name}: {what} of shape {shape} must equal the positions' shape {positions} or a prefix of it")
-    if dtype is torch.bool and t.dtype != torch.bool:
-        raise ValueError(f"{name}: mask must be a bool tensor (True = keep the position), got dtype {t.dtype}")
-    full = t.reshape(*shape, *([1] * (len(positions) - len(shape)))).expand(positions)
-    return full.reshape(-1).to(device)
 
 
 def sampled_reverse_kl(
