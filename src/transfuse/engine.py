@@ -8,7 +8,11 @@ optimizer steps, handing the inner step to a :class:`~transfuse.recipes.Recipe`:
 * devices, precision and DDP come from the ``Fabric`` it is given;
 * the data order is a pure function of ``(seed, step)`` (:class:`StepBatchSampler`), so a
   run resumed from step ``k`` sees exactly the batches an uninterrupted run sees after
-  ``k``; with RNG and optimizer state restored, CPU resumes are bit-identical;
+  ``k``; with RNG and optimizer state restored, CPU resumes are bit-identical. A recipe
+  with ``sample_weights(step)`` draws each step's samples by those weights instead (DDK's
+  domain re-weighting), still a pure function of ``(seed, step, weights)``;
+* a recipe with ``state_dict()``/``load_state_dict()`` is checkpointed with the run and
+  restored on resume; one with ``pop_metrics()`` has what it returns logged as its own row;
 * ``accumulate`` micro-batches make one optimizer step, each scaled by ``1/accumulate``
   (token rows: by its share of the step's predicted positions), so the gradient equals the
   one of a single batch of ``batch_size * accumulate``;
@@ -98,11 +102,19 @@ class StepBatchSampler(Sampler[list[int]]):
     over at an epoch's end are skipped, so every step is full-sized), cut into
     ``accumulate`` micro-batches; under DDP each micro-batch is split into equal
     contiguous shards, one per rank, so the global batch is the same at any world size.
+
+    ``weights``: optional ``weights(step) -> Tensor (n,) | None``, non-negative per-sample
+    weights. Where it returns a tensor, step ``s`` instead draws its ``batch_size *
+    accumulate`` indices with replacement in proportion to them, from a generator seeded by
+    ``(seed, s)`` alone; where it returns None, the step is the permutation slice above.
+    It is called when step ``s``'s first micro-batch is requested: a ``DataLoader`` with
+    ``num_workers=0`` asks lazily, so weights a recipe changes at the start of its step
+    (before it pulls that step's micro-batches) apply to that very step.
     """
 
     def __init__(
         self, n: int, *, batch_size: int, accumulate: int = 1, seed: int = 0, start_step: int = 0,
-        end_step: int, rank: int = 0, world_size: int = 1,
+        end_step: int, rank: int = 0, world_size: int = 1, weights: Callable[[int], torch.Tensor | None] | None = None,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world_size})")
@@ -115,11 +127,30 @@ class StepBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.accumulate, self.seed = n, batch_size, accumulate, seed
         self.start_step, self.end_step, self.rank, self.world_size = start_step, end_step, rank, world_size
         self.steps_per_epoch = n // per_step
+        self.weights = weights
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices for ``epoch``."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=gen)
+
+    def weighted_draw(self, step: int, weights: torch.Tensor) -> torch.Tensor:
+        """Step ``step``'s ``batch_size * accumulate`` indices, drawn with replacement in
+        proportion to ``weights`` ``(n,)``: a function of ``(seed, step, weights)`` only."""
+        weights = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+        if weights.shape != (self.n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+                or not float(weights.sum()) > 0:
+            raise ValueError(f"sample weights of step {step}: expected {self.n} finite non-negative values with a "
+                             f"positive sum; got shape {tuple(weights.shape)}")
+        # Its own stream (odd seeds), apart from the epochs' permutations (seed * 1_000_003 + epoch).
+        gen = torch.Generator().manual_seed(2 * (self.seed * 1_000_003 + step) + 1)
+        per_step = self.batch_size * self.accumulate
+        if self.n <= 2**24:
+            return torch.multinomial(weights, per_step, replacement=True, generator=gen)
+        # torch.multinomial takes at most 2**24 categories; past that, the inverse of the cumulative weights.
+        cumulative = weights.cumsum(0)
+        return torch.searchsorted(cumulative, torch.rand(per_step, generator=gen, dtype=torch.float64) * cumulative[-1],
+                                  right=True).clamp(max=self.n - 1)
 
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * self.accumulate
@@ -129,10 +160,15 @@ class StepBatchSampler(Sampler[list[int]]):
         shard = self.batch_size // self.world_size
         epoch, order = -1, torch.empty(0, dtype=torch.long)
         for step in range(self.start_step, self.end_step):
-            e, j = divmod(step, self.steps_per_epoch)
-            if e != epoch:
-                epoch, order = e, self.epoch_order(e)
-            chunk = order[j * per_step : (j + 1) * per_step]
+            # Asked here, when the step's first micro-batch is requested, not before (see the class docstring).
+            weights = self.weights(step) if self.weights is not None else None
+            if weights is not None:
+                chunk = self.weighted_draw(step, weights)
+            else:
+                e, j = divmod(step, self.steps_per_epoch)
+                if e != epoch:
+                    epoch, order = e, self.epoch_order(e)
+                chunk = order[j * per_step : (j + 1) * per_step]
             for a in range(self.accumulate):
                 micro = chunk[a * self.batch_size : (a + 1) * self.batch_size]
                 yield micro[self.rank * shard : (self.rank + 1) * shard].tolist()
@@ -206,11 +242,17 @@ def fit(
             raise CheckpointError(f"checkpoint {found} holds optimizers {sorted(saved)} but this run has {sorted(names)}")
         for n in names:
             opts[n].load_state_dict(saved[n])
+        if hasattr(recipe, "load_state_dict"):
+            if "recipe" not in train_state:
+                raise CheckpointError(f"checkpoint {found} holds no state of recipe {type(recipe).__name__}, which "
+                                      "keeps state across steps; it was written by a run with another recipe")
+            recipe.load_state_dict(train_state["recipe"])
         set_rng_state(train_state["rng"])
 
     sampler = StepBatchSampler(
         len(train_set), batch_size=settings.batch_size, accumulate=settings.accumulate, seed=settings.seed,
         start_step=start_step, end_step=settings.steps, rank=fabric.global_rank, world_size=fabric.world_size,
+        weights=getattr(recipe, "sample_weights", None),
     )
     # A private generator: a DataLoader iterator otherwise draws its base seed from the
     # global RNG, which would shift the RNG stream of a resumed run by one draw.
@@ -226,6 +268,8 @@ def fit(
         if is_main:
             state = {"step": step, "optimizers": {n: opts[n].state_dict() for n in names}, "rng": rng_state(),
                      "seed": settings.seed}
+            if hasattr(recipe, "state_dict"):  # tensors, lists, numbers: what weights_only loading accepts
+                state["recipe"] = recipe.state_dict()
             last_ckpt = save_checkpoint(ckpt_dir, step, distiller.state_dict(), state, keep=settings.keep_checkpoints)
         fabric.barrier()
 
@@ -275,6 +319,11 @@ def fit(
             count += 1
             done = step + 1
             progress.update(done, sum(checked))
+            # What the recipe measured during this step (DDK's domain weights): a row of its own, at
+            # this step, so that an update is logged once whatever log_every is (and not twice on resume).
+            extra = recipe.pop_metrics() if hasattr(recipe, "pop_metrics") else {}
+            if extra and log is not None:
+                log.log({"step": done, **extra})
             if done % settings.log_every == 0 or done == settings.steps:
                 row = {"step": done, **{k: float(v) / count for k, v in sums.items()}, "lr": opts[names[0]].param_groups[0]["lr"],
                        "time_s": round(time.perf_counter() - t0, 3)}

@@ -27,7 +27,7 @@ def _quotas(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.T
     return quotas
 
 
-def stratified_subset(dataset: Any, n: int, *, seed: int) -> Any:
+def stratified_subset(dataset: Any, n: int, *, seed: int, by: Any = None) -> Any:
     """``n`` samples of ``dataset``, as close to equally many per class as possible.
 
     Deterministic for a ``seed``; which samples of a class are taken is random. Works on an
@@ -37,12 +37,17 @@ def stratified_subset(dataset: Any, n: int, *, seed: int) -> Any:
 
     Every target must be a class id ``>= 0``: an unlabelled sample (target
     ``IGNORE_TARGET``) has no class to balance, so a :class:`TransferSet` is refused.
+
+    ``by`` ``(N,)`` integers >= 0: the groups to balance instead of the classes (token rows
+    have no class; their ``domain`` does); the dataset then needs only ``subset(indices)``.
     """
     if isinstance(dataset, TransferSet):
         raise TypeError(
             "stratified_subset: got a TransferSet, whose unlabelled samples have no class; draw the subset "
             "from the labelled training split first, then build TransferSet(subset, complement(train, subset))"
         )
+    if by is not None:
+        return _balanced_subset(dataset, torch.as_tensor(by).long(), n, seed=seed)
     if not hasattr(dataset, "targets") or not hasattr(dataset, "subset"):
         raise TypeError(
             "stratified_subset: expected an ArrayDataset, SampleDataset or another dataset with `targets` "
@@ -54,6 +59,14 @@ def stratified_subset(dataset: Any, n: int, *, seed: int) -> Any:
             f"stratified_subset: targets must be class ids >= 0; found {int(targets.min())} "
             f"(IGNORE_TARGET = {IGNORE_TARGET} marks an unlabelled sample, which no class subset may draw)"
         )
+    return _balanced_subset(dataset, targets, n, seed=seed)
+
+
+def _balanced_subset(dataset: Any, targets: torch.Tensor, n: int, *, seed: int) -> Any:
+    """``n`` samples of ``dataset``, as equally many per value of ``targets`` ``(N,)`` as possible."""
+    if not hasattr(dataset, "subset") or targets.dim() != 1 or len(targets) != len(dataset):
+        raise ValueError(f"stratified_subset: expected a dataset with subset(indices) and one group per sample "
+                         f"({len(dataset)}); got {type(dataset).__name__} and groups of shape {tuple(targets.shape)}")
     if not 1 <= n <= len(targets):
         raise ValueError(f"stratified_subset: n must be in [1, {len(targets)}] (the dataset's size); got {n}")
     generator = torch.Generator().manual_seed(int(seed))
