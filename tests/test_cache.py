@@ -332,7 +332,9 @@ def test_file_sha256_and_fingerprint(tmp_path):
 def test_field_spec_validation():
     with pytest.raises(ValueError, match="'logits'.*'dtype' is 'int8'"):
         FieldSpec("logits", (10,), {"kind": "dense", "dtype": "int8"})
-    with pytest.raises(ValueError, match="'kind' is 'topk'"):
+    with pytest.raises(ValueError, match="'kind' is 'quantized'"):
+        FieldSpec("logits", (10,), {"kind": "quantized", "bits": 4})
+    with pytest.raises(ValueError, match="topk encoding .*missing key"):  # top-k exists now (tests/test_cache_topk.py)
         FieldSpec("logits", (10,), {"kind": "topk", "k": 4})
     with pytest.raises(ValueError, match="positive ints"):
         FieldSpec("logits", (0,), F32)

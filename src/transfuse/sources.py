@@ -34,7 +34,12 @@ class CachedOutputs:
     ``cache`` is an opened :class:`transfuse.cache.TeacherCache`. ``aliases`` maps the
     fields a run asks for (``feature``) to the names stored in the cache (the module path
     the teacher was tapped at). Values come back as float32 on the batch's device; an fp32
-    cache returns exactly what the teacher computed.
+    cache returns exactly what the teacher computed. A field stored as top-k logits (a
+    language model's cache built with ``--topk K``) comes back as a
+    :class:`~transfuse.functional.divergences.TopKLogits` (``logprobs``/``indices``
+    ``(B, T, K)``, ``tail`` ``(B, T)``), which only the losses of
+    :func:`~transfuse.losses.divergences.topk_losses` accept; :func:`check_topk_readers`
+    refuses any other reader before training.
     """
 
     inputs: tuple[str, ...] = ()
@@ -52,6 +57,11 @@ class CachedOutputs:
         """An alias (``feature``/``hint``) to the cached field name it was stored under."""
         return self.aliases.get(field, field)
 
+    @property
+    def topk_fields(self) -> dict[str, int]:
+        """The cached fields stored as top-k logits, with their k (empty for a dense cache)."""
+        return self.cache.topk_fields()
+
     def provide(self, batch: Mapping[str, torch.Tensor], fields: Iterable[str], upstream=None) -> Outputs:
         if SAMPLE_ID not in batch:
             raise KeyError(
@@ -60,6 +70,59 @@ class CachedOutputs:
             )
         ids = batch[SAMPLE_ID]
         return self.cache.lookup(ids, fields=list(fields), device=ids.device)
+
+
+def check_topk_readers(sources: Mapping[str, object], readers: Iterable[tuple[str, object, object, object]]) -> None:
+    """Refuse, before training, every reader of a top-k cached field that needs dense logits.
+
+    ``sources``: the run's sources by name. ``readers``: one ``(term name, LossSpec, input
+    Ref, target Ref or None)`` per term. A term whose target is a top-k field of a
+    :class:`CachedOutputs` must use a loss that accepts a top-k teacher
+    (:func:`~transfuse.losses.divergences.accepts_topk`); a source that combines its
+    members' outputs (an ensemble, ``most_confident``, a label-only teacher, ...) cannot
+    read a top-k member at all. Raises :class:`~transfuse.cache.CacheMismatchError` naming
+    the term (or source), the participant, its cache folder, the field's k, and the losses
+    that accept a top-k teacher.
+    """
+    from .cache import CacheMismatchError
+    from .distiller import fields_by_source
+    from .losses.divergences import accepts_topk, topk_losses
+
+    topk = {name: s.topk_fields for name, s in sources.items() if isinstance(s, CachedOutputs) and s.topk_fields}
+    if not topk:
+        return
+    readers = list(readers)
+
+    def refuse(who: str, name: str, field: str, why: str) -> None:
+        source = sources[name]
+        raise CacheMismatchError(
+            f"{who} {why}, but participant {name!r} is answered from the teacher-output cache "
+            f"{str(source.cache.path)!r}, which stores {field!r} as its top-{topk[name][field]} tokens only "
+            f"(cache-teacher --topk). The losses that accept a top-k teacher are {', '.join(topk_losses())}; use one "
+            f"of them, or build a dense cache (without --topk) for this term",
+            field=field, cached=f"topk k={topk[name][field]}", expected="dense")
+
+    wanted: dict[str, set[str]] = {}
+    for term, spec, inp, tgt in readers:
+        for ref in (inp, tgt):
+            if ref is not None:
+                wanted.setdefault(ref.source, set()).add(ref.field)
+        if tgt is None or tgt.source not in topk:
+            continue
+        field = sources[tgt.source].resolve_field(tgt.field)
+        if field in topk[tgt.source] and not accepts_topk(spec):
+            refuse(f"term {term!r} ({spec.name}: {inp} -> {tgt})", tgt.source, field,
+                   f"needs the teacher's dense logits, which loss {spec.name!r} compares with")
+    # A source that combines its members' outputs reads each member's dense tensors: the
+    # fields it must produce are asked of every member (as the Distiller will ask them).
+    _, fields = fields_by_source(sources, wanted)
+    for name, source in sources.items():
+        for member in source.inputs:
+            if member in topk:
+                stored = {sources[member].resolve_field(f) for f in fields[name]} & set(topk[member])
+                for field in sorted(stored):
+                    refuse(f"source {name!r} ({type(source).__name__})", member, field,
+                           "combines its members' dense outputs")
 
 
 Combine = Literal["mean_probs", "mean_logits"]

@@ -12,7 +12,33 @@ from .encodings import Encoding, make_encoding
 from .errors import corrupt
 from .layout import SAFE_STEM
 
+#: The layout of a cache whose fields are all dense: what every transfuse reads, and what the
+#: writer still records for such a cache, so that it reads exactly as before top-k existed.
 FORMAT_VERSION = 1
+#: The layout that adds the ``topk`` encoding. A cache with a top-k field records this, so a
+#: transfuse that predates top-k refuses it at open ("has format_version 2, but this transfuse
+#: reads version 1") instead of misreading its files.
+TOPK_FORMAT_VERSION = 2
+#: Every version this transfuse reads, and the encoding kinds each may hold.
+READ_VERSIONS: dict[int, tuple[str, ...]] = {FORMAT_VERSION: ("dense",), TOPK_FORMAT_VERSION: ("dense", "topk")}
+
+
+def required_version(fields: dict[str, "FieldSpec"]) -> int:
+    """The oldest format version that can describe ``fields``: 1 when every field is dense, else 2."""
+    kinds = {spec.encoding.get("kind") for spec in fields.values()}
+    return min(v for v, allowed in READ_VERSIONS.items() if kinds <= set(allowed))
+
+
+def _version_problem(version: Any) -> str | None:
+    """None for a version this transfuse reads, else what is wrong with it (for an error message)."""
+    is_int = isinstance(version, int) and not isinstance(version, bool)
+    if is_int and version in READ_VERSIONS:
+        return None
+    newer = is_int and version > max(READ_VERSIONS)
+    return (f"format_version {version!r}, but this transfuse reads versions {sorted(READ_VERSIONS)}"
+            + (" (a newer transfuse wrote it: upgrade transfuse to read it)" if newer else ""))
+
+
 _TOP_KEYS = {"format_version", "num_samples", "fields", "identity", "created_by"}
 _FIELD_KEYS = {"shape", "encoding", "file"}
 
@@ -23,8 +49,9 @@ class FieldSpec:
 
     name: the name training asks for.
     shape: per-sample shape, e.g. ``(C,)`` for logits or ``(C, H, W)`` for a feature map; a batch is ``(B, *shape)``.
-    encoding: how values are stored: ``{"kind": "dense", "dtype": "float32" | "float16"}``
-        (see :mod:`transfuse.cache.encodings`; other kinds are additions there).
+    encoding: how values are stored: ``{"kind": "dense", "dtype": "float32" | "float16"}``, or for
+        logits ``(..., V)`` ``{"kind": "topk", "k": K, "dtype": ..., "index_dtype": "int32" | "int64"}``
+        (see :mod:`transfuse.cache.encodings`).
     file: file stem inside the cache folder; the writer assigns it, leave it empty.
     """
 
@@ -40,7 +67,7 @@ class FieldSpec:
         if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             raise ValueError(f"field {self.name!r}: shape must be a tuple of positive ints (per sample), got {self.shape!r}")
         try:
-            make_encoding(self.encoding)
+            make_encoding(self.encoding).parts(shape)  # the encoding fits this shape (top-k: k <= V)
         except ValueError as err:
             raise ValueError(f"field {self.name!r}: {err}") from None
         if self.file and not SAFE_STEM.match(self.file):
@@ -70,7 +97,9 @@ def _str_dict(value: Any, what: str) -> dict[str, str]:
 class Manifest:
     """Everything about a cache except the numbers: written last, as ``manifest.json``.
 
-    format_version: layout version (:data:`FORMAT_VERSION`); a reader refuses any other.
+    format_version: layout version: :data:`FORMAT_VERSION` (1, dense fields only) or
+        :data:`TOPK_FORMAT_VERSION` (2, top-k fields too; see :func:`required_version`); a
+        reader refuses any other, and a version-1 manifest with a top-k field.
     num_samples: N, the rows of ``sample_ids.npy`` and of every field file.
     fields: name -> :class:`FieldSpec` (with ``file`` assigned).
     identity: what must match for the cache to serve a run, compared key by key, e.g.
@@ -85,8 +114,9 @@ class Manifest:
     created_by: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"format_version is {self.format_version!r}; this transfuse reads version {FORMAT_VERSION}")
+        problem = _version_problem(self.format_version)
+        if problem:
+            raise ValueError(f"manifest has {problem}")
         if not isinstance(self.num_samples, int) or isinstance(self.num_samples, bool) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
         if not isinstance(self.fields, dict) or not self.fields:
@@ -94,6 +124,12 @@ class Manifest:
         for name, spec in self.fields.items():
             if not isinstance(spec, FieldSpec) or spec.name != name:
                 raise ValueError(f"fields[{name!r}] must be a FieldSpec named {name!r}, got {spec!r}")
+        allowed = READ_VERSIONS[self.format_version]
+        for name, spec in self.fields.items():
+            if spec.encoding.get("kind") not in allowed:
+                raise ValueError(f"fields[{name!r}] has encoding kind {spec.encoding.get('kind')!r}, which format_version "
+                                 f"{self.format_version} does not hold (it holds {list(allowed)}; "
+                                 f"{spec.encoding.get('kind')!r} needs version {required_version({name: spec})})")
         stems = [spec.file for spec in self.fields.values()]
         if len(set(stems)) != len(stems):
             raise ValueError(f"field file stems must be distinct, got {stems}")
@@ -122,8 +158,9 @@ class Manifest:
             raise corrupt(source, "must hold a JSON object")
         # The version first: a newer layout may differ in every other key.
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
-            raise corrupt(source, f"has format_version {version!r}, but this transfuse reads version {FORMAT_VERSION}")
+        problem = _version_problem(version)
+        if problem:
+            raise corrupt(source, f"has {problem}")
         missing, extra = sorted(_TOP_KEYS - set(doc)), sorted(set(doc) - _TOP_KEYS)
         if missing or extra:
             raise corrupt(source, f"has missing key(s) {missing} / unexpected key(s) {extra}; expected {sorted(_TOP_KEYS)}")

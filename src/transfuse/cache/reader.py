@@ -9,6 +9,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .encodings import Decoded
 from .errors import CacheError, CacheMismatchError, REBUILD, corrupt
 from .layout import MANIFEST, SAMPLE_IDS, part_file, temp_kind
 from .manifest import Manifest
@@ -108,13 +109,20 @@ class TeacherCache:
     def __repr__(self) -> str:
         return f"TeacherCache({str(self.path)!r}, samples={len(self)}, fields={list(self.manifest.fields)})"
 
+    def topk_fields(self) -> dict[str, int]:
+        """The fields stored as top-k logits, with their k (empty for a dense cache)."""
+        return {name: spec.encoding["k"] for name, spec in self.manifest.fields.items()
+                if spec.encoding.get("kind") == "topk"}
+
     def sample_ids(self) -> torch.Tensor:
         """Every cached sample id, (N,) int64, ascending."""
         return torch.from_numpy(self._sorted.copy())
 
     def lookup(self, sample_ids: torch.Tensor, *, fields: Iterable[str] | None = None,
-               device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """Cached rows for ``sample_ids`` (B,) integer, in that order: name -> float32 (B, *shape) on ``device``.
+               device: torch.device | str | None = None) -> dict[str, Decoded]:
+        """Cached rows for ``sample_ids`` (B,) integer, in that order: name -> float32 (B, *shape) on ``device``
+        for a dense field; a :class:`~transfuse.functional.divergences.TopKLogits` (``logprobs``/``indices``
+        (B, ..., k), ``tail`` (B, ...)) for a top-k one.
 
         ``fields`` defaults to all. float32 fields come back bit-identical to what was written; float16
         ones upcast. An id that was never cached is a CacheError naming it.
@@ -139,6 +147,7 @@ class TeacherCache:
         out = {}
         for name in names:
             # Fancy indexing reads only these rows from the memmap, into fresh memory.
-            tensor = self.manifest.fields[name].codec.decode({part: mm[rows] for part, mm in self._parts[name].items()})
-            out[name] = tensor if device is None else tensor.to(device)
+            spec = self.manifest.fields[name]
+            value = spec.codec.decode({part: mm[rows] for part, mm in self._parts[name].items()}, spec.shape)
+            out[name] = value if device is None else value.to(device)
         return out

@@ -20,7 +20,7 @@ import torch
 from ..atomic import write_atomic
 from .errors import CacheError
 from .layout import MANIFEST, SAMPLE_IDS, abandoned_siblings, field_stem, part_file, temp_sibling
-from .manifest import FORMAT_VERSION, FieldSpec, Manifest
+from .manifest import FieldSpec, Manifest, required_version
 from .npyfile import create_rows, fsync_path
 
 
@@ -66,7 +66,9 @@ class CacheWriter:
                 raise ValueError(f"fields[{name!r}] must be a FieldSpec named {name!r}, got {spec!r}")
             specs[name] = FieldSpec(spec.name, spec.shape, spec.encoding, field_stem(index))
         # Manifest validates num_samples, identity and created_by now, not after an hour of teacher forward passes.
-        self.manifest = Manifest(FORMAT_VERSION, num_samples, specs, identity, {**_versions(), **(created_by or {})})
+        # The oldest version that holds these encodings: an all-dense cache stays readable by every transfuse.
+        self.manifest = Manifest(required_version(specs), num_samples, specs, identity,
+                                 {**_versions(), **(created_by or {})})
         self.overwrite = overwrite
         self._tmp: Path | None = None
         self._ids: np.memmap | None = None

@@ -19,6 +19,11 @@ With ``p = softmax(teacher_logits / T)`` and ``q = softmax(student_logits / T)``
   ``KL(q || (1 - a) * p + a * q)`` (DistiLLM);
 * :func:`adaptive_kl` the head/tail-weighted sum of FKL and RKL (Wu et al., 2024).
 
+A teacher known only by its top-k tokens (a top-k teacher-output cache) is a
+:class:`TopKLogits`; :func:`fkl`, :func:`rkl`, :func:`tvd`, :func:`jsd`, :func:`skew_fkl`
+and :func:`skew_rkl` accept one in place of ``teacher_logits`` and then compute
+:func:`topk_divergence` (the top-k tokens plus one tail bucket) with the same options.
+
 The temperature is applied inside the loss and nowhere else, and these functions never
 multiply by ``T^2`` (Hinton's factor, which :func:`~transfuse.functional.kd` applies):
 for language models the divergence is the quantity reported and compared, so it is kept
@@ -30,7 +35,8 @@ so a zero probability never produces ``log 0 * 0 = nan``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +47,84 @@ from .logits import _check_pair, _check_reduction, _check_temperature
 from .reduce import _checked, reduce_positions, weigh_positions
 
 __all__ = [
-    "DIVERGENCES", "TOPK_DIVERGENCES", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "sampled_reverse_kl",
+    "DIVERGENCES", "TOPK_DIVERGENCES", "TopKLogits", "adaptive_kl", "chunked_divergence", "fkl", "jsd", "rkl", "sampled_reverse_kl",
     "skew_fkl", "skew_rkl", "topk_divergence", "tvd",
 ]
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    """A teacher's next-token distribution known by its top-k tokens and the mass of the rest.
+
+    What a top-k teacher-output cache returns for a logits field (in place of the dense
+    ``(..., V)`` logits), and what :func:`fkl`, :func:`rkl`, :func:`tvd`, :func:`jsd`,
+    :func:`skew_fkl` and :func:`skew_rkl` accept as their teacher.
+
+    logprobs: ``(..., K)`` float, the log-probabilities (temperature 1) of the K most
+        probable tokens, in descending order.
+    indices: ``(..., K)`` int64, their token ids.
+    tail: ``(...)`` float, the probability of every other token together,
+        ``1 - sum_k exp(logprobs)``, computed from the unrounded distribution (so a
+        float16 ``logprobs`` does not disturb it).
+    vocab_size: V, the vocabulary the K tokens come from.
+
+    ``shape`` is the shape of the logits it stands for, ``(..., V)``, so that shape
+    checks between a student's logits and a teacher's work on either form.
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        lp, idx, tail = self.logprobs, self.indices, self.tail
+        if lp.shape != idx.shape or tail.shape != lp.shape[:-1] or lp.dim() < 1:
+            raise ValueError(f"TopKLogits: logprobs {tuple(lp.shape)} and indices {tuple(idx.shape)} must both be "
+                             f"(..., K) and tail {tuple(tail.shape)} their leading (...)")
+        if idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"TopKLogits: indices must be integer token ids, got {idx.dtype}")
+        if not (isinstance(self.vocab_size, int) and lp.shape[-1] <= self.vocab_size):
+            raise ValueError(f"TopKLogits: vocab_size must be an int >= K = {lp.shape[-1]}, got {self.vocab_size!r}")
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TopKLogits":
+        """The top ``k`` of ``softmax(logits)`` ``(..., V)`` (any float dtype), in float32, with its exact tail.
+
+        The tail is the summed probability of the V - k other tokens (``logsumexp`` over
+        them), which equals ``1 - sum exp(logprobs)`` without the cancellation of that
+        difference when the top k hold almost all the mass.
+        """
+        vocab = logits.shape[-1]
+        if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= vocab):
+            raise ValueError(f"TopKLogits.from_logits: k must be an int in [1, V = {vocab}], got {k!r}")
+        log_p = F.log_softmax(logits.detach().float(), dim=-1)  # (..., V)
+        top, index = log_p.topk(k, dim=-1)  # (..., K), (..., K) most probable first
+        rest = log_p.scatter(-1, index, float("-inf"))  # (..., V): the top k taken out
+        tail = torch.logsumexp(rest, dim=-1).exp()  # (...); exactly 0 when k == V
+        return cls(top, index, tail, vocab)
+
+    @property
+    def k(self) -> int:
+        """K, the tokens kept per position."""
+        return self.logprobs.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the logits this stands for: ``(..., V)``."""
+        return torch.Size((*self.logprobs.shape[:-1], self.vocab_size))
+
+    def to(self, device: torch.device | str) -> "TopKLogits":
+        """The same tensors on ``device``."""
+        return TopKLogits(self.logprobs.to(device), self.indices.to(device), self.tail.to(device), self.vocab_size)
+
+    def detach(self) -> "TopKLogits":
+        """Without gradient history (a teacher target never has any; kept for the target's contract)."""
+        return TopKLogits(self.logprobs.detach(), self.indices.detach(), self.tail.detach(), self.vocab_size)
+
+
+#: A teacher given as dense logits ``(..., V)`` or by its top-k tokens.
+TeacherLogits = Union[torch.Tensor, TopKLogits]
 
 
 def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, name: str):
@@ -73,7 +154,15 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Ten
 
 def _divergence(name: str, student_logits, teacher_logits, temperature, mask, weights, reduction, *,
                 beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
-    """The full-vocabulary divergence ``name``: log-probabilities, per-position values, reduction."""
+    """The full-vocabulary divergence ``name``: log-probabilities, per-position values, reduction.
+    A :class:`TopKLogits` teacher goes to :func:`topk_divergence` with the same options."""
+    if isinstance(teacher_logits, TopKLogits):
+        if tuple(student_logits.shape) != tuple(teacher_logits.shape):
+            raise ValueError(f"{name}: student logits {tuple(student_logits.shape)} and the top-k teacher's logits "
+                             f"{tuple(teacher_logits.shape)} must have the same shape")
+        return topk_divergence(student_logits, teacher_logits.logprobs, teacher_logits.indices,
+                               topk_tail=teacher_logits.tail, divergence=name, temperature=temperature, beta=beta,
+                               alpha=alpha, mask=mask, weights=weights, reduction=reduction)
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, name)
     return _reduced(_bucket_values(name, log_q, log_p, beta=beta, alpha=alpha), mask, weights, reduction, name)
 
@@ -86,7 +175,7 @@ def _reduced(values: torch.Tensor, mask, weights, reduction: str, name: str) -> 
 
 
 def fkl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, temperature: Temperature = 1.0,
     mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Forward KL ``KL(p || q)`` per position (mode-covering: the student spreads over every
@@ -94,14 +183,16 @@ def fkl(
 
     Shapes: logits ``(..., V)``; ``mask``/``weights`` ``(...)`` or a prefix. Reduction: the
     mean over masked-in positions (``reduction="none"``: the ``(...)`` values, masked-out 0).
-    No ``T^2`` factor. Paper: Hinton et al., Distilling the Knowledge in a Neural Network,
+    No ``T^2`` factor. ``teacher_logits`` may be a :class:`TopKLogits` (a top-k teacher
+    cache): the value is then :func:`topk_divergence` over its K tokens and tail bucket
+    (the same for every divergence that accepts one). Paper: Hinton et al., Distilling the Knowledge in a Neural Network,
     2015, https://arxiv.org/abs/1503.02531 (word-level KD for sequences: Kim & Rush, 2016).
     """
     return _divergence("fkl", student_logits, teacher_logits, temperature, mask, weights, reduction)
 
 
 def rkl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, temperature: Temperature = 1.0,
     mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Reverse KL ``KL(q || p)`` per position (mode-seeking: the student concentrates on the
@@ -114,7 +205,7 @@ def rkl(
 
 
 def tvd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: Temperature = 1.0,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, temperature: Temperature = 1.0,
     mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Total variation distance ``0.5 * sum_v |p_v - q_v|`` per position, in ``[0, 1]``.
@@ -127,7 +218,7 @@ def tvd(
 
 
 def jsd(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: Probability = 0.5,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, beta: Probability = 0.5,
     temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
@@ -144,7 +235,7 @@ def jsd(
 
 
 def skew_fkl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: Probability = 0.1,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, alpha: Probability = 0.1,
     temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
@@ -161,7 +252,7 @@ def skew_fkl(
 
 
 def skew_rkl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: Probability = 0.1,
+    student_logits: torch.Tensor, teacher_logits: TeacherLogits, *, alpha: Probability = 0.1,
     temperature: Temperature = 1.0, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
@@ -242,16 +333,21 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 _TAIL_FLOOR = -100.0
 
 
-def _with_tail(log_top: torch.Tensor) -> torch.Tensor:
-    """``(..., K)`` log-probabilities of K tokens -> ``(..., K + 1)`` with the rest's mass as the last bucket."""
-    log_tail = _log1mexp(torch.logsumexp(log_top, dim=-1, keepdim=True)).clamp(min=_TAIL_FLOOR)
-    return torch.cat([log_top, log_tail], dim=-1)
+def _with_tail(log_top: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., K)`` log-probabilities of K tokens -> ``(..., K + 1)`` with the rest's mass as the last bucket:
+    ``tail`` ``(...)`` where it is known, else ``1 - sum exp(log_top)``."""
+    if tail is None:
+        log_tail = _log1mexp(torch.logsumexp(log_top, dim=-1, keepdim=True))
+    else:
+        log_tail = torch.log(tail.float().clamp(min=0.0)).unsqueeze(-1)  # log 0 = -inf, floored below
+    return torch.cat([log_top, log_tail.clamp(min=_TAIL_FLOOR)], dim=-1)
 
 
 def topk_divergence(
     student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, *,
     divergence: str = "fkl", temperature: Temperature = 1.0, beta: Probability = 0.5, alpha: Probability = 0.1,
     mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, reduction: Reduction = "mean",
+    topk_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A divergence against a teacher known only by its top-k tokens, with the tail as one bucket.
 
@@ -261,7 +357,10 @@ def topk_divergence(
     become ``K + 1`` buckets: the K tokens and the rest of the vocabulary, whose mass is
     ``1 - sum_k`` (the teacher's from its top-k, the student's from its own gathered
     columns; a tail bucket's mass is floored at ``e^-100`` so that a tail rounding to 0
-    on one side only keeps the value finite). The student's log-probabilities are its K gathered logits minus one
+    on one side only keeps the value finite). ``topk_tail`` ``(...)``: the teacher's tail
+    mass as stored beside its top-k (a cache keeps it, computed before any rounding); when
+    given it is used instead of ``1 - sum exp(topk_logprobs)``, which equals it up to
+    rounding. The student's log-probabilities are its K gathered logits minus one
     ``logsumexp`` over the vocabulary: no ``(..., V)`` log-softmax is materialised.
     ``divergence`` (one of :data:`TOPK_DIVERGENCES`) is then computed over the buckets,
     with ``beta`` (``jsd``) and ``alpha`` (skew forms) as in the full-vocabulary functions.
@@ -279,6 +378,9 @@ def topk_divergence(
                          f"{tuple(student_logits.shape[:-1])}")
     if topk_logprobs.shape[-1] > student_logits.shape[-1]:
         raise ValueError(f"{name}: K = {topk_logprobs.shape[-1]} exceeds the vocabulary {student_logits.shape[-1]}")
+    if topk_tail is not None and topk_tail.shape != topk_logprobs.shape[:-1]:
+        raise ValueError(f"{name}: topk_tail {tuple(topk_tail.shape)} must have the positions "
+                         f"{tuple(topk_logprobs.shape[:-1])}")
     _check_temperature(temperature, name)
     _check_probability(beta, "beta", name)
     _check_probability(alpha, "alpha", name)
@@ -288,7 +390,7 @@ def topk_divergence(
         log_q, log_p = log_q_top, topk_logprobs.float()  # (..., V)
     else:
         log_q = _with_tail(log_q_top)  # (..., K + 1)
-        log_p = _with_tail(topk_logprobs.float())  # (..., K + 1)
+        log_p = _with_tail(topk_logprobs.float(), topk_tail)  # (..., K + 1)
     if temperature != 1.0:
         log_p = F.log_softmax(log_p / temperature, dim=-1)
     values = _bucket_values(divergence, log_q, log_p, beta=beta, alpha=alpha)  # (...)

@@ -4,12 +4,33 @@ Each compares the student's logits with the teacher's, per position (a classifie
 or a language model's token), with the temperature inside the loss and no ``T^2``
 factor. The short form adds no label loss beside them (``ce_weight`` 0: the
 distillation-only objective of the language-model papers); ``distill.ce_weight`` adds one.
+
+``fkl``, ``rkl``, ``tvd``, ``jsd``, ``skew_fkl`` and ``skew_rkl`` also take a teacher given
+by its top-k tokens (a :class:`~transfuse.functional.divergences.TopKLogits`, what a top-k
+teacher-output cache serves) and then compute
+:func:`~transfuse.functional.divergences.topk_divergence` with the same options;
+:func:`accepts_topk` tells which registered losses do, and :func:`topk_losses` lists them.
 """
 
 from __future__ import annotations
 
 from ..functional import divergences as D
-from .base import register_loss
+from .base import LOSSES, LossSpec, register_loss
+
+#: The pure functions that accept a :class:`~transfuse.functional.divergences.TopKLogits`
+#: teacher (each routes it to ``topk_divergence`` with its own options).
+TOPK_FUNCTIONS = tuple(D.DIVERGENCES[name] for name in D.TOPK_DIVERGENCES)
+
+
+def accepts_topk(spec: LossSpec) -> bool:
+    """Whether the registered loss ``spec`` can compare with a teacher known only by its top-k
+    tokens: its function is one of :data:`TOPK_FUNCTIONS` (a named setting of one counts too)."""
+    return spec.fn is not None and any(spec.fn is fn for fn in TOPK_FUNCTIONS)
+
+
+def topk_losses() -> list[str]:
+    """The registered loss names that accept a top-k teacher, sorted."""
+    return sorted(entry.obj.name for entry in LOSSES.entries() if accepts_topk(entry.obj))
 
 _LOSSES = [
     (D.fkl, "forward KL(p || q) per position (mode-covering), temperature inside, no T^2",
