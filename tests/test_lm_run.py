@@ -5,6 +5,7 @@ and a run reports perplexity and, on Markov text, the KL to the true distributio
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,51 @@ def test_gradient_accumulation_gives_the_step_of_one_big_batch_whatever_the_padd
     rows = _padded_rows().__getitems__(list(range(16)))
     counts = rows["predicted"].reshape(4, 4, T).sum(dim=(1, 2))
     assert len(set(counts.tolist())) > 1
+
+
+def _markov_cfg(tmp_path, teacher: dict) -> dict:
+    return {
+        "name": "pretrained", "seed": 0,
+        "data": {"name": "markov", "options": {"block_size": 16, "num_train": 64, "num_test": 32}},
+        "student": {"name": "causal_lm", "options": {"layers": 1, "width": 16, "heads": 2}},
+        "teacher": {**teacher, "cache_dir": str(tmp_path / "teachers")},
+        "distill": {"method": "fkl"},
+        "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "progress": False},
+    }
+
+
+def test_a_teacher_from_a_pretrained_folder_is_used_as_loaded_unless_train_is_given(tmp_path):
+    """`options.path` without `train`: the teacher's outputs are the saved model's (no training
+    from labels first); an explicit `train` fine-tunes it; a changed folder is a new teacher."""
+    from transfuse.build import teacher_weights_path
+
+    torch.manual_seed(3)
+    saved = build_model("causal_lm", input_shape=(16,), num_classes=16, layers=1, width=16, heads=2)
+    saved.save_pretrained(tmp_path / "teacher")
+    teacher = {"name": "causal_lm", "options": {"path": str(tmp_path / "teacher")}}
+    cfg = config_from_dict(_markov_cfg(tmp_path, teacher))
+    assert cfg.participants["teacher"].train.steps == 0
+    summary = run(cfg, out_dir=tmp_path / "as-loaded", quiet=True)
+    from safetensors.torch import load_file
+
+    cached = load_file(teacher_weights_path(cfg, "teacher"))
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(cached[key], value)
+    tuned_cfg = config_from_dict(_markov_cfg(tmp_path, {**teacher, "train": {"steps": 5, "batch_size": 8}}))
+    tuned = run(tuned_cfg, out_dir=tmp_path / "tuned", quiet=True)
+    assert tuned["teacher"]["nll"] != pytest.approx(summary["teacher"]["nll"])
+    # Other weights in the same folder: another cache slot, so the old copy is never reused.
+    before = teacher_weights_path(cfg, "teacher")
+    with torch.no_grad():
+        next(saved.parameters()).add_(1.0)
+    saved.save_pretrained(tmp_path / "teacher")
+    assert teacher_weights_path(config_from_dict(_markov_cfg(tmp_path, teacher)), "teacher") != before
+
+
+def test_train_steps_0_needs_a_pretrained_model():
+    from transfuse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.steps: 0 .*options.path"):
+        config_from_dict(_markov_cfg(Path("/nonexistent"), {"name": "causal_lm", "options": {"layers": 1, "width": 16,
+                                                                                          "heads": 2},
+                                                             "train": {"steps": 0}}))

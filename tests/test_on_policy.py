@@ -93,3 +93,48 @@ def test_a_gkd_run_trains_on_its_own_generations(tmp_path):
     }
     summary = run(config_from_dict(cfg), out_dir=tmp_path / "run", quiet=True)
     assert summary["steps"] == 20 and summary["student"]["kl_to_truth"] > 0
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_the_key_value_cache_draws_the_same_tokens_as_rereading_the_prefix(architecture, temperature):
+    torch.manual_seed(0)
+    model = build_model("causal_lm", input_shape=(24,), num_classes=VOCAB, layers=2, width=16, heads=2,
+                        architecture=architecture).eval()
+    ids = torch.randint(VOCAB, (5, 24))
+    prompts = torch.tensor([3, 1, 7, 3, 23])  # different lengths: longer prompts are fed through the cached steps
+    drawn = {}
+    for use_cache in (False, True):
+        torch.manual_seed(11)
+        drawn[use_cache] = sample_continuations(model, ids, prompts, temperature=temperature, use_cache=use_cache)
+        drawn[use_cache, "rng"] = torch.rand(1)  # both paths consume the RNG alike
+    assert torch.equal(drawn[True], drawn[False])
+    assert torch.equal(drawn[True, "rng"], drawn[False, "rng"])
+    for row, p in enumerate(prompts.tolist()):
+        assert torch.equal(drawn[True][row, :p], ids[row, :p])
+    # The cache really is used: the prompt is read once, then one token per call.
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    sample_continuations(model, ids, prompts, temperature=temperature)
+    hook.remove()
+    assert seen == [1] + [1] * (24 - 1 - 1)
+
+
+def test_temperature_zero_is_greedy_decoding_and_draws_nothing_from_the_rng():
+    torch.manual_seed(0)
+    model = build_model("causal_lm", input_shape=(12,), num_classes=VOCAB, layers=1, width=16, heads=2).eval()
+    ids = torch.randint(VOCAB, (3, 12))
+    torch.manual_seed(4)
+    out = sample_continuations(model, ids, torch.tensor([4, 4, 6]), temperature=0.0)
+    after = torch.rand(1)
+    torch.manual_seed(4)
+    assert torch.equal(after, torch.rand(1))  # the RNG was not advanced
+    # By hand: each token is the argmax of the model's prediction from the tokens before it.
+    with torch.no_grad():
+        for row, p in enumerate([4, 4, 6]):
+            for t in range(p, 12):
+                assert out[row, t] == model(out[row : row + 1, :t])[0, -1].argmax()
+    OnPolicy(temperature=0.0)  # a valid option
+    with pytest.raises(ValueError, match="temperature"):
+        OnPolicy(temperature=-1.0)

@@ -10,8 +10,10 @@ written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -22,6 +24,7 @@ from .checkpoint import CheckpointError, load_into, load_weights
 from .config import DataConfig, FabricConfig, OptimConfig, ParticipantConfig, RunConfig, TermConfig, TrainConfig
 from .data import DATASETS, ArrayDataset, DataSplits, TransferSet, complement, stratified_subset, with_id_offset
 from .data.base import first_batch
+from .data.domains import DOMAIN
 from .distiller import Distiller, DistillShapeError, Ref, Term, fields_by_source
 from .engine import FitSettings
 from .errors import DataError, FabricError, ModelError
@@ -32,7 +35,7 @@ from .optim import make_optimizer
 from .participants import LOGITS, Participant
 from .paths import teacher_cache_dir
 from .schedules import SCHEDULES, Constant
-from .sources import ByClassGroup, CachedOutputs, Ensemble, LearnedEnsemble, MostConfident
+from .sources import ByClassGroup, CachedOutputs, Ensemble, LearnedEnsemble, MostConfident, check_topk_readers
 from .taps import FeatureTaps
 
 
@@ -81,9 +84,13 @@ def load_student_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dat
     In order: ``novel_classes`` sets those classes' samples apart (they become the
     unlabelled part); ``label_subset`` draws a class-stratified subset of the rest;
     ``holdout_fraction`` takes a class-stratified share of that away from training;
-    ``transfer`` (or the novel samples) is added without labels.
+    ``transfer`` (or the novel samples) is added without labels. With ``generations``
+    (sequence-level KD) the training set is the generated rows instead, once checked
+    against the data (:func:`load_generations`).
     """
     splits = load_splits(cfg)
+    if cfg.generations is not None:
+        return splits, load_generations(cfg, splits), None
     labelled, novel = splits.train, None
     if cfg.novel_classes is not None:
         labelled, novel = _split_novel(cfg, splits)
@@ -99,7 +106,7 @@ def load_student_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dat
             raise DataError(f"data.holdout_fraction = {cfg.holdout_fraction} of {len(labelled)} labelled training samples "
                             f"holds out {n}; it must leave at least one sample on each side")
         # Seeded apart from the label subset, so the held-out samples do not depend on its draw order.
-        holdout = stratified_subset(labelled, n, seed=cfg.subset_seed + 7919)
+        holdout = stratified_subset(labelled, n, seed=cfg.subset_seed + 7919, by=_holdout_groups(labelled))
         labelled = complement(labelled, holdout)
     if novel is not None:
         return splits, TransferSet(labelled, novel), holdout
@@ -109,6 +116,57 @@ def load_student_data(cfg: DataConfig) -> tuple[DataSplits, torch.utils.data.Dat
     if holdout is not None and cfg.transfer == "rest":
         unlabelled = complement(unlabelled, holdout)  # held-out samples never reach training, not even unlabelled
     return splits, TransferSet(labelled, unlabelled), holdout
+
+
+def load_generations(cfg: DataConfig, splits: DataSplits):
+    """The generated rows of ``cfg.generations`` (:func:`transfuse.seqkd.read_generations`),
+    refused unless they were generated from this data: token rows of the same length and
+    vocabulary, and the same training rows (:func:`transfuse.seqkd.rows_fingerprint`)."""
+    from .data.text import TokenRows
+    from .seqkd import check_data, read_generations, rows_fingerprint
+
+    if not isinstance(splits.train, TokenRows):
+        raise DataError(f"data.generations: sequence-level KD trains on generated token rows, but data {cfg.name!r} "
+                        f"holds {type(splits.train).__name__}, not token rows; use a language-model data set "
+                        "(shakespeare, markov)")
+    rows, manifest = read_generations(cfg.generations)
+    check_data(manifest, path=cfg.generations, data_name=cfg.name, data_options=cfg.options,
+               block_size=splits.train.block_size, vocab_size=splits.num_classes,
+               dataset=rows_fingerprint(name=cfg.name, options=cfg.options, rows=splits.train))
+    return rows
+
+
+def check_generations_teacher(cfg: RunConfig, splits: DataSplits) -> None:
+    """With ``data.generations``: if the run has a frozen participant of the name that
+    generated the rows, it must be the same teacher (model and options, precision, and --
+    where its weights are known -- their sha256), else a :class:`~transfuse.seqkd.GenerationsError`
+    names the field and the difference. A run without that participant (a labels-only
+    student) is not checked."""
+    from .seqkd import check_teacher, read_manifest
+
+    if cfg.data.generations is None:
+        return
+    manifest = read_manifest(cfg.data.generations)
+    name = manifest["participant"]
+    p = cfg.participants.get(name)
+    if p is None or p.trainable:
+        return
+    path = cfg.data.generations
+    check_teacher(manifest, teacher_model_identity(cfg, name), path=path, participant=name)
+    identity = teacher_identity(cfg, name, missing=f"data.generations: cannot check that {path!r} was generated by "
+                                f"participants.{name}", advice="run `transfuse generate` with this config (it "
+                                "trains the teacher first, as a run would) and train on what it writes")
+    check_teacher(manifest, identity, path=path, participant=name)
+
+
+def _holdout_groups(labelled: Any) -> torch.Tensor | None:
+    """What the held-out samples are balanced over: the classes (None: the dataset's own
+    ``targets``); for token rows, which have no class, each row's ``domain`` where they carry
+    one (DDK needs every domain held out), else one group (a uniform draw)."""
+    if hasattr(labelled, "targets"):
+        return None
+    domains = getattr(labelled, "fields", {}).get(DOMAIN)
+    return domains if domains is not None else torch.zeros(len(labelled), dtype=torch.long)
 
 
 def _split_novel(cfg: DataConfig, splits: DataSplits):
@@ -152,7 +210,7 @@ def check_batches(cfg: RunConfig, splits: DataSplits, train_set, *, world_size: 
     teacher trains (the engine would only find out when its loop starts)."""
     jobs = [("train", cfg.train.batch_size, cfg.train.accumulate, len(train_set), "the training set")]
     for name, p in cfg.participants.items():
-        if not p.trainable and not p.weights and not p.cache:  # trained first, from labels, on (part of) the split
+        if not p.trainable and not p.weights and not p.cache and p.train.steps:  # trained first, from labels, on (part of) the split
             subset = p.train.classes is not None or p.train.domains is not None
             jobs.append((f"participants.{name}.train", p.train.batch_size, 1,
                          len(teacher_train_set(p, splits, role=name)),
@@ -340,6 +398,8 @@ def make_terms(
             if ref is not None:
                 wanted.setdefault(ref.source, set()).add(ref.field)
     shapes = _source_shapes(sources, wanted, probe_batch)
+    # A top-k cached teacher only for the losses that accept one: refused here, before training.
+    check_topk_readers(sources, [(tc.name or tc.loss, spec, inp, tgt) for tc, spec, inp, tgt in resolved])
 
     out, used = [], set()
     for tc, spec, inp, tgt in resolved:
@@ -380,7 +440,9 @@ def _schedule(tc: TermConfig, spec, total_steps: int):
 
 
 def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
-    """Participants, sources and terms assembled; every shape and reference checked."""
+    """Participants, sources and terms assembled; every shape and reference checked (and,
+    with ``data.generations``, that the run's teacher is the one that generated them)."""
+    check_generations_teacher(cfg, splits)
     participants = make_participants(cfg, splits)
     groups = {name: p.train.classes for name, p in cfg.participants.items()}
     sources = {**participants, **make_ensembles(cfg.resolved_sources(), participants, num_samples=len(train_set),
@@ -429,6 +491,8 @@ def teacher_cache_key(cfg: RunConfig, name: str = "teacher") -> str:
     p = cfg.participants[name]
     what = {
         "model": {"name": p.name, "options": p.options},
+        # A pretrained folder's path says nothing of what is in it: its files are hashed too.
+        **({"pretrained": folder_digest(p.options["path"])} if p.loads_pretrained else {}),
         # A subset that is not set is left out, so teachers cached before subsets existed keep their key.
         "train": {k: v for k, v in p.train.model_dump(mode="json").items()
                   if not (k in ("classes", "domains") and v is None)},
@@ -436,6 +500,25 @@ def teacher_cache_key(cfg: RunConfig, name: str = "teacher") -> str:
         "precision": cfg.fabric.precision,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, stamp: tuple) -> str:
+    # ``stamp`` (every file's size and mtime) is only the cache key: a changed folder is hashed again.
+    from .cache import file_sha256
+
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+    return hashlib.sha256(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()).hexdigest()
+
+
+def folder_digest(path: str) -> str:
+    """SHA-256 over the names and contents of every file under ``path`` (a pretrained model
+    folder); a missing folder digests as empty (the model's own loading reports it).
+    Computed once per process for an unchanged folder."""
+    root = Path(path).expanduser()
+    files = sorted(root.rglob("*")) if root.is_dir() else []
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    return _digest(str(root), stamp)
 
 
 def teacher_weights_path(cfg: RunConfig, name: str):
@@ -448,26 +531,45 @@ def teacher_weights_path(cfg: RunConfig, name: str):
     return teacher_cache_dir(p.cache_dir) / f"{p.name}-{teacher_cache_key(cfg, name)}.safetensors"
 
 
-def cache_identity(cfg: RunConfig, name: str, splits: DataSplits) -> dict[str, str]:
-    """What a teacher-output cache must match to stand in for frozen participant ``name``:
-    its model, the hash of its weights file, the data it covers and the forward precision."""
-    from .cache import file_sha256, fingerprint
-
+def teacher_model_identity(cfg: RunConfig, name: str) -> dict[str, str]:
+    """The parts of frozen participant ``name``'s identity that need no weights file: its
+    model (name and options) and the forward precision."""
     p = cfg.participants[name]
+    return {"teacher_model": json.dumps({"name": p.name, "options": p.options}, sort_keys=True),
+            "precision": cfg.fabric.precision}
+
+
+def teacher_identity(cfg: RunConfig, name: str, *, missing: str,
+                     advice: str = "run once without it so that the teacher is trained") -> dict[str, str]:
+    """What identifies frozen participant ``name``'s outputs: :func:`teacher_model_identity`
+    plus ``teacher_weights_sha256``, the hash of its weights file (``weights``, or the
+    trained teacher in its cache folder). ``missing`` starts the error when that file is
+    not there (the config field and what was being checked); ``advice`` ends it."""
+    from .cache import file_sha256
+
     weights = teacher_weights_path(cfg, name)
     if not weights.is_file():
         raise CheckpointError(
-            f"participants.{name}.cache: cannot check the cache against the teacher, because its weights "
-            f"{str(weights)!r} are not here; give participants.{name}.weights, or run once without the cache so the "
-            "teacher is trained"
+            f"{missing}, because its weights {str(weights)!r} are not here; give participants.{name}.weights, or "
+            f"{advice}"
         )
+    return {**teacher_model_identity(cfg, name), "teacher_weights_sha256": file_sha256(weights)}
+
+
+def cache_identity(cfg: RunConfig, name: str, splits: DataSplits) -> dict[str, str]:
+    """What a teacher-output cache must match to stand in for frozen participant ``name``:
+    its model, the hash of its weights file, the data it covers and the forward precision."""
+    from .cache import fingerprint
+
+    identity = teacher_identity(cfg, name, missing=f"participants.{name}.cache: cannot check the cache against the "
+                                "teacher")
     pool = cache_pool(cfg.data, splits)
     inputs = getattr(pool, "inputs", None)
     transfer = cfg.data.transfer.model_dump(mode="json") if cfg.data.transfer not in (None, "rest") else None
     return {
-        "teacher_model": json.dumps({"name": p.name, "options": p.options}, sort_keys=True),
-        "teacher_weights_sha256": file_sha256(weights),
+        "teacher_model": identity["teacher_model"],
+        "teacher_weights_sha256": identity["teacher_weights_sha256"],
         "dataset": fingerprint(name=cfg.data.name, options=cfg.data.options, transfer=transfer, num_samples=len(pool),
                                tensors=[pool.sample_ids] + ([inputs] if isinstance(inputs, torch.Tensor) else [])),
-        "precision": cfg.fabric.precision,
+        "precision": identity["precision"],
     }

@@ -15,6 +15,7 @@ examples:
   transfuse run configs/digits/kd.yaml --out runs/kd1 --resume   # continue after an interruption
   transfuse cache-teacher configs/digits/kd.yaml --out runs/kd-cache   # teacher outputs to disk, once
   transfuse run configs/digits/kd.yaml --set teacher.cache=runs/kd-cache  # then train without the teacher
+  transfuse generate configs/lm/seqkd.yaml --out runs/lm-seqkd-gen --prompt-tokens 16   # seq-KD: teacher rows, once
   transfuse methods --json                        # every registered method with its paper
   transfuse compare configs/digits/kd.yaml runs/a/student.safetensors runs/b/student.safetensors   # accuracy, ECE, flips
 """
@@ -64,10 +65,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable)")
     c.add_argument("--participant", default="teacher", help="which frozen participant to cache (default: teacher)")
     c.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type (default: float32)")
+    c.add_argument("--topk", type=int, metavar="K",
+                   help="store a language model's logits (T, V) as their top K tokens per position (log-probabilities, "
+                        "token ids and the tail's mass; 1 <= K <= V) instead of all V values; read by fkl, rkl, tvd, "
+                        "jsd, skew_fkl and skew_rkl")
     c.add_argument("--batch-size", type=int, help="teacher batch size (default: train.eval_batch_size)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     common(c)
+
+    g = sub.add_parser("generate", help="sequence-level KD: a frozen teacher continues every training row's prompt "
+                       "once; the rows are stored for data.generations", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("config", help="path to a YAML run config (its data set and frozen participant)")
+    g.add_argument("--out", required=True, help="generations folder to create (written atomically)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    g.add_argument("--participant", default="teacher", help="which frozen participant generates (default: teacher)")
+    g.add_argument("--prompt-tokens", type=_positive_int, metavar="N",
+                   help="continue each row after its first N tokens (default: each row's own prompt, its unlabelled "
+                   "prefix; plain text rows have none and need N)")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature; 0 decodes greedily (argmax) (default: 1.0)")
+    g.add_argument("--samples", type=_positive_int, default=1, metavar="N",
+                   help="generations per training row (default: 1; more only when sampling)")
+    g.add_argument("--seed", type=int, help="seed of the draws (default: the config's seed)")
+    g.add_argument("--batch-size", type=_positive_int, help="rows generated at once (default: train.eval_batch_size)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    common(g)
 
     k = sub.add_parser("compare", help="compare two weight files of one participant: accuracy, ECE, agreement, flips",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="machine-readable output")
     common(m, threads=False)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -242,7 +278,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config, _overrides(args))
         report = cache_teacher(cfg, args.out, participant=args.participant, dtype=args.dtype, batch_size=args.batch_size,
-                               overwrite=args.overwrite, quiet=args.quiet)
+                               overwrite=args.overwrite, quiet=args.quiet, topk=args.topk)
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.command == "generate":
+        from .config import load_config
+        from .seqkd import generate
+
+        cfg = load_config(args.config, _overrides(args))
+        report = generate(cfg, args.out, participant=args.participant, prompt_tokens=args.prompt_tokens,
+                          temperature=args.temperature, samples=args.samples, seed=args.seed,
+                          batch_size=args.batch_size, overwrite=args.overwrite, quiet=args.quiet)
         print(json.dumps(report, indent=2))
         return 0
     if args.command == "compare":

@@ -86,9 +86,12 @@ class ModelConfig(_Strict):
 
 
 class TeacherTrainConfig(_Strict):
-    """How a frozen participant without ``weights`` is trained first, from labels (cached by content hash)."""
+    """How a frozen participant without ``weights`` is trained first, from labels (cached by content hash).
 
-    steps: int = Field(1000, ge=1)
+    ``steps: 0`` uses the participant as loaded, which only a model that loads pretrained
+    weights itself (``options.path``) can be; it is the default for those."""
+
+    steps: int = Field(1000, ge=0)
     batch_size: int = Field(128, ge=1)
     seed: int = 0
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -114,6 +117,9 @@ class ParticipantConfig(ModelConfig):
     from ``weights``, or trained first on the full training split (``train``) and cached in
     ``cache_dir`` by content hash; with ``cache`` it is not loaded or run at all, and its
     outputs are read from a teacher-output cache folder (``transfuse cache-teacher``).
+    A frozen model that loads its own pretrained weights (``options.path``, e.g. a
+    ``save_pretrained`` folder) is used as loaded unless ``train`` is given: its default
+    ``train.steps`` is 0.
     """
 
     trainable: bool = True
@@ -129,7 +135,19 @@ class ParticipantConfig(ModelConfig):
             raise ValueError("cache: only a frozen participant (trainable: false) can be answered from a teacher-output cache")
         if not self.trainable and self.optim is not None:
             raise ValueError("optim: a frozen participant (trainable: false) is never optimised")
+        if not self.trainable and self.loads_pretrained and "train" not in self.model_fields_set:
+            # A pretrained teacher is the point of distilling it: trained again from labels
+            # by default, it would be replaced by a model of the run's own data.
+            self.train = TeacherTrainConfig(steps=0)
+        if self.train.steps == 0 and not self.loads_pretrained and not self.weights:
+            raise ValueError("train.steps: 0 (use the participant as loaded) needs a model that loads pretrained "
+                             "weights (options.path) or a weights file; this one would stay randomly initialised")
         return self
+
+    @property
+    def loads_pretrained(self) -> bool:
+        """Whether the model loads pretrained weights itself (``options.path``, a local folder)."""
+        return bool(self.options.get("path"))
 
 
 class EnsembleConfig(_Strict):
@@ -228,6 +246,11 @@ class DataConfig(_Strict):
     ``transfer: rest`` adds the rest of the training split (after ``label_subset``) without
     labels; a ``{name, options}`` section adds another data set's training split. The
     label loss counts only labelled samples; the teacher terms count all.
+
+    ``generations`` (sequence-level KD): a folder written by ``transfuse generate``; its
+    rows replace the training split (the test split stays the data set's own). It is
+    checked against the data (fingerprint, row length, vocabulary) and the teacher of the
+    same name before training.
     """
 
     name: str = "digits"
@@ -241,11 +264,24 @@ class DataConfig(_Strict):
     holdout_fraction: float | None = Field(
         None, gt=0, lt=1, allow_inf_nan=False, description="this fraction of the labelled training samples "
         "(class-stratified) is kept out of the student's training set and given to a recipe that asks for it (holdout)")
+    generations: str | None = Field(
+        None, min_length=1, description="sequence-level KD: a folder written by `transfuse generate` from this data "
+        "set; its rows (the teacher's continuations of the training rows' prompts) replace the training split the "
+        "trainable participants see; the test split stays the data set's own")
 
     @model_validator(mode="after")
     def _known(self) -> "DataConfig":
         from .data import DATASETS
         DATASETS.check_options(self.name, self.options, where="options")
+        if self.generations is not None:
+            # The generated rows are the whole training set: a part of the real split (or
+            # extra unlabelled data) has no meaning for them.
+            given = [k for k in ("label_subset", "transfer", "novel_classes", "holdout_fraction")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"generations: the generated rows replace the whole training split, so {given[0]} "
+                                 "(a part of the real training split, or extra data) cannot be combined with them; "
+                                 f"leave {given[0]} out")
         if self.transfer == "rest" and self.label_subset is None:
             raise ValueError("transfer: 'rest' means the training samples outside label_subset, so label_subset must be set")
         if self.novel_classes is not None:
@@ -517,6 +553,12 @@ class RunConfig(_Strict):
         if self.recipe.name == "alternating" and self.fabric.strategy != "auto" and self.fabric.strategy.startswith(("ddp", "fsdp")):
             raise ValueError("recipe: 'alternating' updates one participant per forward pass, which DDP/FSDP cannot "
                              "synchronise; use recipe 'default' with fabric.strategy " + repr(self.fabric.strategy))
+        if self.data.generations is not None:
+            cached = [n for n, p in self.participants.items() if p.cache]
+            if cached:
+                raise ValueError(f"participants.{cached[0]}.cache: a teacher-output cache holds the teacher's outputs on "
+                                 "the real training rows, not on the generated rows of data.generations; leave the "
+                                 "cache out (the live teacher scores the generated rows)")
         for name, p in self.participants.items():
             subset = [k for k in ("classes", "domains") if getattr(p.train, k) is not None]
             if subset and (p.trainable or p.weights or p.cache):
@@ -530,6 +572,8 @@ class RunConfig(_Strict):
         if "holdout" in self.recipe.options:
             raise ValueError("recipe.options.holdout: the held-out samples come from data.holdout_fraction, "
                              "not from an option")
+        if "train" in self.recipe.options:
+            raise ValueError("recipe.options.train: the run gives the recipe its training set; leave train out")
         for i, term in enumerate(self.resolved_terms()):
             where = f"distill.terms.{i} ({term.name or term.loss})" if self.distill.terms is not None else f"distill.method {self.method_name!r}"
             _check_required_recipe(term.loss, self.recipe.name, where)

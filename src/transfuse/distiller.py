@@ -216,7 +216,7 @@ class Distiller(nn.Module):
                 if begin_step is not None:
                     begin_step(step)
         outs = self.outputs(batch)
-        total: torch.Tensor | float = 0.0
+        total: torch.Tensor | None = None
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         by_input: dict[str, torch.Tensor] = {}  # the weighted sum of the terms that train each participant
@@ -225,9 +225,12 @@ class Distiller(nn.Module):
             weight = term.weight * term.schedule.factor(step)
             parts[term.name] = value.detach()
             weights[term.name] = weight
-            total = total + weight * value
+            # One product per term, shared by the total and its owner's sum (each step's graph
+            # and Python work stay as small as a hand-written loss).
+            weighted = weight * value
+            total = weighted if total is None else total + weighted
             owner = term.input.source
-            by_input[owner] = by_input.get(owner, 0.0) + weight * value
+            by_input[owner] = weighted if owner not in by_input else by_input[owner] + weighted
         logits = {name: outs[name][LOGITS] for name in self.models}
         return {"loss": total, "parts": parts, "weights": weights, "logits": logits, "by_input": by_input,
                 "inputs": self._terms_by_input}

@@ -8,17 +8,23 @@ transform (``on_policy``): the terms, the Distiller and the engine stay as they 
 generated tokens become the rows' targets and ``predicted`` positions, so a step is
 normalised by the generated tokens that carry loss -- not by the token count the batch had
 before generation.
+
+Generation (:func:`sample_continuations`) runs a Hugging Face student with its key/value
+cache (one token per model call after the prompt) and samples at the transform's own
+``temperature`` (0: greedy decoding), which is separate from any loss temperature.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import torch
 
 from .data.text import IGNORE_INDEX, next_token_targets
-from .functional._types import Probability, Temperature
+from .functional._types import NonNegative, Probability
+from .models.causal_lm import CausalLM
 from .models.outputs import call_model
 from .participants import Participant
 from .transforms import TRANSFORMS, refuse_cached_sources
@@ -35,18 +41,74 @@ def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor, prompt_t
     return first.clamp(min=1)  # at least one token to condition on
 
 
+def _draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row ``(B,)`` from next-token logits ``(B, V)``: sampled from
+    ``softmax(logits / temperature)``, or the argmax when ``temperature == 0`` (greedy:
+    draws nothing from the RNG)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1).squeeze(-1)
+
+
+def _cached_decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str, dict[str, int]] | None:
+    """``(hf_model, keyword, extra)`` when ``model`` wraps a Hugging Face causal LM that can
+    keep a key/value cache (the zoo's ``causal_lm``: ``model.model``), else None. The cache's
+    keyword is ``cache`` in recent transformers and ``past_key_values`` in older ones;
+    ``extra`` asks for the last position's logits only where the model supports it."""
+    if not isinstance(model, CausalLM):
+        return None
+    hf = model.model
+    try:
+        names = inspect.signature(hf.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+    for keyword in ("cache", "past_key_values"):
+        if keyword in names and "use_cache" in names:
+            return hf, keyword, extra
+    return None
+
+
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, *,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """Rows ``(B, T)`` whose tokens from each row's prompt length on are sampled from ``model``
-    (one position at a time, ``softmax(logits / temperature)``); prompts are kept. Uses
-    torch's RNG, so a checkpoint restores the draws."""
-    ids = input_ids.clone()
+                         temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+    """Rows ``(B, T)`` whose tokens from each row's prompt length on are drawn from ``model``
+    (one position at a time, from ``softmax(logits / temperature)``; ``temperature = 0``
+    takes the argmax: greedy decoding); prompts are kept. Uses torch's RNG, so a checkpoint
+    restores the draws.
+
+    A Hugging Face causal LM (the zoo's ``causal_lm``) is run with its key/value cache: the
+    shortest prompt once, then one token per position, O(T) token evaluations instead of
+    the O(T^2) of re-reading the prefix. Rows with a longer prompt feed their own prompt
+    tokens through the same steps. Any other model (or ``use_cache=False``) re-reads the
+    whole prefix at each position. Both paths ask the RNG for the same draws in the same
+    order, so for one RNG state they draw the same tokens (up to float round-off in the
+    logits, which can flip a draw only at a near-tie).
+    """
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"sample_continuations: temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    ids = input_ids.clone()  # (B, T)
     start = int(prompt_lengths.min())
+    if start >= ids.shape[1]:
+        return ids
+    start = max(start, 1)  # a model needs at least one token to condition on
+    cached = _cached_decoder(model) if use_cache else None
+    if cached is None:
+        for t in range(start, ids.shape[1]):
+            logits = call_model(model, {"input_ids": ids[:, :t]})[:, -1, :]  # (B, V): the prediction of token t
+            ids[:, t] = torch.where(t >= prompt_lengths, _draw(logits, temperature), ids[:, t])
+        return ids
+    hf, keyword, extra = cached
+    # The first ``start`` tokens (every row's prompt is at least that long) once; then one new token per call.
+    out = hf(input_ids=ids[:, :start], use_cache=True, **extra)
     for t in range(start, ids.shape[1]):
-        logits = call_model(model, {"input_ids": ids[:, :t]})[:, -1, :].float()  # (B, V): the prediction of token t
-        drawn = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(-1)  # (B,)
-        ids[:, t] = torch.where(t >= prompt_lengths, drawn, ids[:, t])
+        logits = out.logits[:, -1, :]  # (B, V): the prediction of token t
+        ids[:, t] = torch.where(t >= prompt_lengths, _draw(logits, temperature), ids[:, t])
+        if t + 1 < ids.shape[1]:
+            past = getattr(out, keyword, None)
+            if past is None:  # older outputs name the cache past_key_values whatever the keyword
+                past = out.past_key_values
+            out = hf(input_ids=ids[:, t : t + 1], use_cache=True, **extra, **{keyword: past})
     return ids
 
 
@@ -58,7 +120,8 @@ class OnPolicy:
 
     Options: ``lmbda`` (fraction of rows generated; 1 = fully on-policy, GKD's default 0.5
     in its mixed setting), ``temperature`` (sampling temperature, 1 = the student's
-    distribution; separate from any loss temperature), ``prompt_tokens`` (rows without a
+    distribution, 0 = greedy decoding (the argmax token); separate from any loss
+    temperature), ``prompt_tokens`` (rows without a
     prompt -- plain text -- are continued after this many tokens; default: each row's prompt
     is its unlabelled prefix), ``student`` (the participant that generates).
 
@@ -67,12 +130,12 @@ class OnPolicy:
     normalised by the generated tokens. Which rows are generated is drawn from torch's RNG.
     """
 
-    def __init__(self, *, lmbda: Probability = 0.5, temperature: Temperature = 1.0, prompt_tokens: int | None = None,
+    def __init__(self, *, lmbda: Probability = 0.5, temperature: NonNegative = 1.0, prompt_tokens: int | None = None,
                  student: str = "student") -> None:
         if not 0.0 <= lmbda <= 1.0 or math.isnan(lmbda):
             raise ValueError(f"on_policy: lmbda must be in [0, 1], got {lmbda!r}")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"on_policy: temperature must be finite and > 0, got {temperature!r}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"on_policy: temperature must be finite and >= 0 (0 = greedy decoding), got {temperature!r}")
         if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or prompt_tokens < 1):
             raise ValueError(f"on_policy: prompt_tokens must be an int >= 1 or null, got {prompt_tokens!r}")
         self.lmbda, self.temperature, self.prompt_tokens, self.student = float(lmbda), float(temperature), prompt_tokens, student

@@ -46,6 +46,7 @@ from .participants import Participant
 from .recipes import RECIPES, make_recipe
 from .rundir import FolderLock, RunDirError, disk_errors
 from .transforms import make_transform
+from . import ddk  # noqa: F401  (registers the ddk recipe)
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = Fal
     # Everything knowable from the config and the data is checked here, before any write.
     splits, train_set, holdout = load_student_data(cfg.data)
     check_batches(cfg, splits, train_set, world_size=fabric.world_size)
-    recipe = build_recipe(cfg.recipe.name, cfg.recipe.options, holdout=holdout, seed=cfg.seed)
+    recipe = build_recipe(cfg.recipe.name, cfg.recipe.options, holdout=holdout, seed=cfg.seed, train=train_set)
     distiller = make_distiller(cfg, splits, train_set)
     optimizers = make_optimizers(cfg, distiller)
     settings = fit_settings(cfg.train, cfg.optim, seed=cfg.seed, description=f"{cfg.name}",
@@ -148,16 +149,22 @@ def _train_and_summarise(cfg, fabric, distiller, optimizers, settings, splits, t
     return summary
 
 
-def build_recipe(name: str, options: dict[str, Any], *, holdout: Any = None, seed: int = 0):
-    """The configured recipe; one whose ``__init__`` takes ``holdout`` (and ``seed``) gets
-    the held-out labelled samples of ``data.holdout_fraction`` (and the run's seed, to draw
-    its batches from as a function of the step, so a resumed run draws the same ones)."""
+def build_recipe(name: str, options: dict[str, Any], *, holdout: Any = None, seed: int = 0, train: Any = None):
+    """The configured recipe; one whose ``__init__`` takes ``holdout`` (and ``seed``, and
+    ``train``) gets the held-out labelled samples of ``data.holdout_fraction`` (and the
+    run's seed, to draw its batches from as a function of the step, so a resumed run draws
+    the same ones; and the student's training set, in the engine's sample order, for a
+    recipe that weights its samples, such as DDK by their domain)."""
     params = inspect.signature(RECIPES.get(name).__init__).parameters
+    if "train" in params and "train" in options:
+        raise ValueError(f"recipe.options.train: recipe {name!r} is given the run's training set; leave train out")
     extras = {}
     if "holdout" in params and holdout is not None:
         extras["holdout"] = holdout
     if "seed" in params and "seed" not in options:
         extras["seed"] = seed
+    if "train" in params and train is not None:
+        extras["train"] = train
     return make_recipe(name, **options, **extras)
 
 
@@ -212,6 +219,12 @@ def _train_teacher(cfg: RunConfig, name: str, splits, fabric, weights: Path, *, 
             return  # trained by the process we waited for
         torch.manual_seed(pcfg.train.seed)
         model = make_model(pcfg.model_copy(update={"weights": None}), splits, role=name)
+        if pcfg.train.steps == 0:  # a pretrained model used as loaded: its weights in transfuse's naming, once
+            say(f"using {name} ({pcfg.name}) as loaded from {pcfg.options['path']}; its weights are cached as {weights}")
+            if fabric.global_rank == 0:
+                save_weights(weights, model.state_dict(), metadata={"transfuse_version": __version__})
+            fabric.barrier()
+            return
         ce = LOSSES.get("ce").build()
         distiller = Distiller([Participant(name, model)], [Term(name="ce", loss=ce, input=f"{name}.logits", target=None)])
         optimizer = make_optimizer_from(pcfg.train.optim, distiller.parameters())

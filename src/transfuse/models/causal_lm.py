@@ -52,7 +52,16 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the wrapped model with ``save_pretrained`` (safetensors), loadable by plain transformers."""
-        self.model.save_pretrained(str(folder), safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        # transformers draws a progress bar per write; a run reports its own progress.
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model.save_pretrained(str(folder), safe_serialization=True)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
 
 
 def _config(transformers: Any, architecture: str, vocab: int, context: int, layers: int, width: int, heads: int):
