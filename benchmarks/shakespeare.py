@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fashion_mnist import _one, mean_std  # noqa: E402  (one cell runner for every benchmark)
 
 TEACHER = {"name": "causal_lm", "options": {"layers": 4, "width": 192, "heads": 4},
            "train": {"steps": 1000, "batch_size": 32, "seed": 0, "optim": {"name": "adamw", "lr": 0.002}}}
@@ -124,31 +126,6 @@ def _cli(cli, argv: list[str]) -> None:
     if code:
         raise SystemExit(f"transfuse {argv[0]} failed ({code})")
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
-
-
-def _one(args: tuple) -> dict:
-    cfg_dict, out_dir = args
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    from transfuse.config import config_from_dict
-    from transfuse.run import run
-
-    summary_path = Path(out_dir) / "summary.json"
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
-    if Path(out_dir).exists():  # an interrupted cell: start it again from scratch
-        import shutil
-
-        shutil.rmtree(out_dir)
-    return run(config_from_dict(cfg_dict, source=cfg_dict["name"]), out_dir=out_dir, quiet=True)
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    """``mean ± std`` (sample std; the value alone for one seed)."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(results: list[dict], seeds: list[int], *, steps: int) -> str:

@@ -192,3 +192,29 @@ def test_train_steps_0_needs_a_pretrained_model():
         config_from_dict(_markov_cfg(Path("/nonexistent"), {"name": "causal_lm", "options": {"layers": 1, "width": 16,
                                                                                           "heads": 2},
                                                              "train": {"steps": 0}}))
+
+
+def test_a_teacher_folder_with_another_tokenizer_than_the_data_s_is_refused_before_training(tmp_path):
+    from transfuse.data.tokenizer import save_tokenizer, train_bpe
+    from transfuse.errors import DataError
+
+    text = "To be, or not to be, that is the question. " * 40
+    data_tok, other_tok = train_bpe(text, vocab_size=300), train_bpe(text[::-1], vocab_size=300)
+    save_tokenizer(data_tok, tmp_path / "tok")
+    teacher = build_model("causal_lm", input_shape=(16,), num_classes=data_tok.vocab_size, layers=1, width=16, heads=2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    save_tokenizer(other_tok, tmp_path / "teacher")
+    cfg = {
+        "name": "tok", "seed": 0,
+        "data": {"name": "shakespeare", "options": {"block_size": 16, "max_chars": 3000, "tokenizer": str(tmp_path / "tok")}},
+        "student": {"name": "causal_lm", "options": {"layers": 1, "width": 16, "heads": 2}},
+        "teacher": {"name": "causal_lm", "options": {"path": str(tmp_path / "teacher")}},
+        "distill": {"method": "fkl"},
+        "train": {"steps": 1, "batch_size": 4, "checkpoint_every": 1, "progress": False},
+    }
+    with pytest.raises(DataError, match="participants.teacher.options.path .* another tokenizer than data.options.tokenizer"):
+        run(config_from_dict(cfg), out_dir=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    save_tokenizer(data_tok, tmp_path / "teacher")  # the same tokenizer: the run goes ahead
+    summary = run(config_from_dict(cfg), out_dir=tmp_path / "run", quiet=True)
+    assert summary["steps"] == 1

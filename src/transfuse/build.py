@@ -443,6 +443,7 @@ def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
     """Participants, sources and terms assembled; every shape and reference checked (and,
     with ``data.generations``, that the run's teacher is the one that generated them)."""
     check_generations_teacher(cfg, splits)
+    check_tokenizers(cfg)
     participants = make_participants(cfg, splits)
     groups = {name: p.train.classes for name, p in cfg.participants.items()}
     sources = {**participants, **make_ensembles(cfg.resolved_sources(), participants, num_samples=len(train_set),
@@ -452,6 +453,37 @@ def make_distiller(cfg: RunConfig, splits: DataSplits, train_set) -> Distiller:
     distiller = Distiller(list(sources.values()), terms)
     distiller.check(probe)
     return distiller
+
+
+def check_tokenizers(cfg: RunConfig) -> None:
+    """Every tokenizer the run can see tokenizes alike: the data's (``data.options.tokenizer``,
+    a folder or file) and those saved in the participants' pretrained folders
+    (``options.path``). Token-level terms compare distributions over one vocabulary at each
+    position, which two tokenizers do not share; an equal vocabulary size alone would hide it."""
+    from .data.tokenizer import TOKENIZER_FILE, fingerprint, load_tokenizer
+
+    found: list[tuple[str, Any]] = []
+    data_tok = cfg.data.options.get("tokenizer")
+    if isinstance(data_tok, str) and Path(data_tok).expanduser().exists():
+        found.append(("data.options.tokenizer", data_tok))
+    for name, p in cfg.participants.items():
+        if p.loads_pretrained and (Path(p.options["path"]).expanduser() / TOKENIZER_FILE).is_file():
+            found.append((f"participants.{name}.options.path", p.options["path"]))
+    if len(found) < 2:
+        return
+    (first_field, first_path), prints = found[0], {}
+    for field, path in found:
+        try:
+            prints[field] = fingerprint(load_tokenizer(path))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{field}: cannot read the tokenizer in {path!r} ({err})") from None
+    for field, path in found[1:]:
+        if prints[field] != prints[first_field]:
+            raise DataError(
+                f"{field} ({path!r}) holds another tokenizer than {first_field} ({first_path!r}): token-level "
+                "distillation needs one tokenizer for the data, the teacher and the student (cross-tokenizer "
+                "distillation is not supported): tokenize the data with the teacher's tokenizer and give the "
+                "student that tokenizer too")
 
 
 def make_optimizers(cfg: RunConfig, distiller: Distiller) -> dict[str, torch.optim.Optimizer]:
