@@ -67,7 +67,7 @@ DEFAULTS = {
     "meta_dmoe_inner": (1.0, 0.0, "feature"), "concentration": (1.0, 0.0, "logits"), "tgeo": (1.0, 0.0, "logits"),
     "trg": (1.0, 1.0, "map"), "scalekd": (1.0, 1.0, "map"),
     **{name: (1.0, 0.0, "logits") for name in ("fkl", "rkl", "tvd", "jsd", "skew_fkl", "skew_rkl", "adaptive_kl",
-                                                "sampled_rkl")},
+                                                "sampled_rkl", "minillm")},
 }
 
 #: Batch-relation losses (a mask selects samples, weights are refused); the rest are position-wise.

@@ -14,7 +14,7 @@ from transfuse.data import TokenRows  # noqa: E402
 from transfuse.distiller import Distiller, Term  # noqa: E402
 from transfuse.losses import LOSSES  # noqa: E402
 from transfuse.models import build_model  # noqa: E402
-from transfuse.on_policy import OnPolicy, sample_continuations  # noqa: E402
+from transfuse.on_policy import OnPolicy, sample_continuations, sample_mixed_continuations  # noqa: E402
 from transfuse.participants import Participant  # noqa: E402
 from transfuse.run import run  # noqa: E402
 
@@ -138,3 +138,22 @@ def test_temperature_zero_is_greedy_decoding_and_draws_nothing_from_the_rng():
     OnPolicy(temperature=0.0)  # a valid option
     with pytest.raises(ValueError, match="temperature"):
         OnPolicy(temperature=-1.0)
+
+
+@pytest.mark.parametrize("teacher_mix", [0.2, 1.0])
+def test_teacher_mixed_sampling_draws_the_same_with_and_without_the_key_value_caches(teacher_mix):
+    torch.manual_seed(0)
+    student = build_model("causal_lm", input_shape=(16,), num_classes=VOCAB, layers=1, width=16, heads=2).eval()
+    teacher = build_model("causal_lm", input_shape=(16,), num_classes=VOCAB, layers=2, width=16, heads=2,
+                          architecture="llama").eval()
+    ids, prompts = torch.randint(VOCAB, (4, 16)), torch.tensor([3, 1, 6, 15])
+    drawn = {}
+    for use_cache in (False, True):
+        torch.manual_seed(2)
+        drawn[use_cache] = sample_mixed_continuations(student, teacher, ids, prompts, teacher_mix=teacher_mix,
+                                                      use_cache=use_cache)
+    assert torch.equal(drawn[True][0], drawn[False][0])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(drawn[True][1:], drawn[False][1:]))
+    for row, p in enumerate(prompts.tolist()):
+        assert torch.equal(drawn[True][0][row, :p], ids[row, :p])
+        assert (drawn[True][1][row, :p] == 0).all() and (drawn[True][1][row, p:] <= 0).all()

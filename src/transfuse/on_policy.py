@@ -12,6 +12,13 @@ before generation.
 Generation (:func:`sample_continuations`) runs a Hugging Face student with its key/value
 cache (one token per model call after the prompt) and samples at the transform's own
 ``temperature`` (0: greedy decoding), which is separate from any loss temperature.
+
+MiniLLM's teacher-mixed sampling (Gu et al., MiniLLM: Knowledge Distillation of Large
+Language Models, ICLR 2024, https://arxiv.org/abs/2306.08543) is the option
+``teacher_mix``: each new token is drawn from ``teacher_mix * p + (1 - teacher_mix) * q``
+(:func:`sample_mixed_continuations`, the teacher with its own cache), and the batch carries
+each token's log-probability under the mixture and under the student for the ``minillm``
+loss's importance weights.
 """
 
 from __future__ import annotations
@@ -69,6 +76,31 @@ def _cached_decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, str, dict[
     return None
 
 
+def _next_token_logits(model: torch.nn.Module, ids: torch.Tensor, start: int, use_cache: bool):
+    """Yield ``(t, logits)`` for ``t`` in ``start .. T - 1``: ``model``'s next-token logits
+    ``(B, V)`` after reading ``ids[:, :t]``. The caller writes ``ids[:, t]`` before asking for
+    the next position (the generator reads ``ids`` lazily, so it sees the drawn token).
+
+    A Hugging Face causal LM (the zoo's ``causal_lm``) runs with its key/value cache: the
+    first ``start`` tokens once, then one token per call. Any other model (or
+    ``use_cache=False``) re-reads the whole prefix at each position."""
+    cached = _cached_decoder(model) if use_cache else None
+    if cached is None:
+        for t in range(start, ids.shape[1]):
+            yield t, call_model(model, {"input_ids": ids[:, :t]})[:, -1, :]  # (B, V): the prediction of token t
+        return
+    hf, keyword, extra = cached
+    # The first ``start`` tokens (every row's prompt is at least that long) once; then one new token per call.
+    out = hf(input_ids=ids[:, :start], use_cache=True, **extra)
+    for t in range(start, ids.shape[1]):
+        yield t, out.logits[:, -1, :]  # (B, V): the prediction of token t
+        if t + 1 < ids.shape[1]:
+            past = getattr(out, keyword, None)
+            if past is None:  # older outputs name the cache past_key_values whatever the keyword
+                past = out.past_key_values
+            out = hf(input_ids=ids[:, t : t + 1], use_cache=True, **extra, **{keyword: past})
+
+
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, *,
                          temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
@@ -92,24 +124,64 @@ def sample_continuations(model: torch.nn.Module, input_ids: torch.Tensor, prompt
     if start >= ids.shape[1]:
         return ids
     start = max(start, 1)  # a model needs at least one token to condition on
-    cached = _cached_decoder(model) if use_cache else None
-    if cached is None:
-        for t in range(start, ids.shape[1]):
-            logits = call_model(model, {"input_ids": ids[:, :t]})[:, -1, :]  # (B, V): the prediction of token t
-            ids[:, t] = torch.where(t >= prompt_lengths, _draw(logits, temperature), ids[:, t])
-        return ids
-    hf, keyword, extra = cached
-    # The first ``start`` tokens (every row's prompt is at least that long) once; then one new token per call.
-    out = hf(input_ids=ids[:, :start], use_cache=True, **extra)
-    for t in range(start, ids.shape[1]):
-        logits = out.logits[:, -1, :]  # (B, V): the prediction of token t
+    for t, logits in _next_token_logits(model, ids, start, use_cache):
         ids[:, t] = torch.where(t >= prompt_lengths, _draw(logits, temperature), ids[:, t])
-        if t + 1 < ids.shape[1]:
-            past = getattr(out, keyword, None)
-            if past is None:  # older outputs name the cache past_key_values whatever the keyword
-                past = out.past_key_values
-            out = hf(input_ids=ids[:, t : t + 1], use_cache=True, **extra, **{keyword: past})
     return ids
+
+
+@torch.no_grad()
+def sample_mixed_continuations(student: torch.nn.Module, teacher: torch.nn.Module, input_ids: torch.Tensor,
+                               prompt_lengths: torch.Tensor, *, teacher_mix: float, temperature: float = 1.0,
+                               use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MiniLLM's teacher-mixed sampling: like :func:`sample_continuations`, but each new
+    token is drawn from ``p~ = teacher_mix * p + (1 - teacher_mix) * q``, ``p``/``q`` the
+    teacher's/student's ``softmax(logits / temperature)`` (``temperature > 0``).
+
+    Returns ``(ids, sample_logprob, student_logprob)``, all ``(B, T)``: the rows (prompts
+    kept), and for each drawn token ``ids[:, t]`` its log-probability under ``p~`` and
+    under ``q`` at position ``t`` (0 at prompt positions). Both models run with their own
+    key/value cache where they have one. ``teacher_mix = 0`` draws exactly what
+    :func:`sample_continuations` draws for the same RNG state (it samples from ``q`` alone,
+    and then ``sample_logprob == student_logprob``).
+
+    Gu et al., MiniLLM, ICLR 2024, https://arxiv.org/abs/2306.08543 (Sec. 2.2, alpha = 0.2).
+    """
+    if not (0.0 <= teacher_mix <= 1.0):
+        raise ValueError(f"sample_mixed_continuations: teacher_mix must be in [0, 1], got {teacher_mix!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"sample_mixed_continuations: temperature must be finite and > 0, got {temperature!r}")
+    ids = input_ids.clone()  # (B, T)
+    sample_logprob = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (B, T)
+    student_logprob = torch.zeros_like(sample_logprob)  # (B, T)
+    start = int(prompt_lengths.min())
+    if start >= ids.shape[1]:
+        return ids, sample_logprob, student_logprob
+    start = max(start, 1)
+    steps = _next_token_logits(student, ids, start, use_cache)
+    # With no teacher share the teacher is never run (and the draws are the student's own).
+    teacher_steps = _next_token_logits(teacher, ids, start, use_cache) if teacher_mix > 0 else None
+    for t, s_logits in steps:
+        log_q = torch.log_softmax(s_logits.float() / temperature, dim=-1)  # (B, V)
+        if teacher_steps is None:
+            drawn = _draw(s_logits, temperature)  # (B,): the same RNG draw as sample_continuations
+            log_mix = log_q
+        else:
+            _, t_logits = next(teacher_steps)
+            if t_logits.shape != s_logits.shape:
+                raise ValueError(f"on_policy: teacher_mix needs the teacher and the student to share a vocabulary; "
+                                 f"their next-token logits are {tuple(t_logits.shape)} and {tuple(s_logits.shape)}")
+            log_p = torch.log_softmax(t_logits.float() / temperature, dim=-1)  # (B, V)
+            # log(a p + (1 - a) q), kept finite where a is 0 or 1.
+            log_mix = torch.logaddexp(log_p + math.log(teacher_mix),
+                                      log_q + math.log(1.0 - teacher_mix)) if teacher_mix < 1 else log_p
+            drawn = torch.multinomial(log_mix.exp(), 1).squeeze(-1)  # (B,)
+        new = t >= prompt_lengths  # (B,)
+        ids[:, t] = torch.where(new, drawn, ids[:, t])
+        token = ids[:, t : t + 1]  # (B, 1)
+        zero = torch.zeros_like(sample_logprob[:, t])
+        sample_logprob[:, t] = torch.where(new, log_mix.gather(-1, token).squeeze(-1), zero)
+        student_logprob[:, t] = torch.where(new, log_q.gather(-1, token).squeeze(-1), zero)
+    return ids, sample_logprob, student_logprob
 
 
 @TRANSFORMS.register("on_policy", summary="GKD: a fraction lmbda of the rows is continued by the student itself "
@@ -123,7 +195,17 @@ class OnPolicy:
     distribution, 0 = greedy decoding (the argmax token); separate from any loss
     temperature), ``prompt_tokens`` (rows without a
     prompt -- plain text -- are continued after this many tokens; default: each row's prompt
-    is its unlabelled prefix), ``student`` (the participant that generates).
+    is its unlabelled prefix), ``student`` (the participant that generates),
+    ``teacher_mix`` (MiniLLM's teacher-mixed sampling: each new token is drawn from
+    ``teacher_mix * p + (1 - teacher_mix) * q``, ``p`` the participant ``teacher``'s
+    distribution; 0, the default, = the student alone; MiniLLM uses 0.2; needs
+    ``temperature > 0``), ``teacher`` (the participant mixed in).
+
+    With ``teacher_mix > 0`` the batch also gets ``sample_logprob`` and ``student_logprob``
+    ``(B, T)``, aligned with ``target`` (position ``t`` holds the values of token ``t + 1``):
+    each generated token's log-probability under the mixture and under the student at
+    sampling time, 0 where nothing was generated. The ``minillm`` loss forms its importance
+    weights ``q / p~`` from them. With ``teacher_mix = 0`` the batch is as before.
 
     A generated row is fully attended, its prompt carries no loss and every generated token
     is a target: ``labels``, ``target`` and ``predicted`` are rebuilt, so the step is
@@ -131,14 +213,20 @@ class OnPolicy:
     """
 
     def __init__(self, *, lmbda: Probability = 0.5, temperature: NonNegative = 1.0, prompt_tokens: int | None = None,
-                 student: str = "student") -> None:
+                 student: str = "student", teacher_mix: Probability = 0.0, teacher: str = "teacher") -> None:
         if not 0.0 <= lmbda <= 1.0 or math.isnan(lmbda):
             raise ValueError(f"on_policy: lmbda must be in [0, 1], got {lmbda!r}")
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"on_policy: temperature must be finite and >= 0 (0 = greedy decoding), got {temperature!r}")
         if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or prompt_tokens < 1):
             raise ValueError(f"on_policy: prompt_tokens must be an int >= 1 or null, got {prompt_tokens!r}")
+        if not 0.0 <= teacher_mix <= 1.0 or math.isnan(teacher_mix):
+            raise ValueError(f"on_policy: teacher_mix must be in [0, 1] (0 = the student alone), got {teacher_mix!r}")
+        if teacher_mix > 0 and temperature == 0:
+            raise ValueError("on_policy: teacher_mix > 0 samples from a teacher-student mixture; it needs temperature > 0, "
+                             "got temperature 0 (greedy decoding)")
         self.lmbda, self.temperature, self.prompt_tokens, self.student = float(lmbda), float(temperature), prompt_tokens, student
+        self.teacher_mix, self.teacher = float(teacher_mix), teacher
 
     def __call__(self, batch: dict[str, torch.Tensor], *, step: int, distiller: Any = None) -> dict[str, torch.Tensor]:
         if "input_ids" not in batch or "labels" not in batch:
@@ -148,21 +236,37 @@ class OnPolicy:
         if not isinstance(source, Participant):
             raise ValueError(f"on_policy: {self.student!r} is not a participant of this run; it must be the model that "
                              "generates")
+        teacher_source = None
+        if self.teacher_mix > 0:
+            teacher_source = distiller.sources.get(self.teacher)
+            if not isinstance(teacher_source, Participant):
+                raise ValueError(f"on_policy: teacher_mix = {self.teacher_mix} mixes in {self.teacher!r}, which is not a "
+                                 "participant of this run (a model this process runs); set on_policy's teacher option")
         refuse_cached_sources(distiller, transform="on_policy")
         ids, labels = batch["input_ids"], batch["labels"]
         attention = batch.get("attention_mask", torch.ones_like(ids))
         chosen = torch.rand(ids.shape[0], device=ids.device) < self.lmbda  # (B,)
         if not bool(chosen.any()):
-            return batch
+            if teacher_source is None:
+                return batch
+            # Nothing sampled: the same keys, all 0 (importance weight 1), so every micro-batch has them.
+            zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (B, T)
+            return {**batch, "sample_logprob": zeros, "student_logprob": zeros.clone()}
         prompts = _prompt_lengths(labels, attention, self.prompt_tokens)  # (B,)
         if self.prompt_tokens is not None and self.prompt_tokens >= ids.shape[1]:
             raise ValueError(f"on_policy: prompt_tokens = {self.prompt_tokens} leaves nothing to generate in rows of "
                              f"{ids.shape[1]} tokens")
-        model = source.model
-        was_training = {m: m.training for m in model.modules()}
-        model.eval()
+        models = [source.model] + ([] if teacher_source is None else [teacher_source.model])
+        was_training = {m: m.training for model in models for m in model.modules()}
+        for model in models:
+            model.eval()
         try:
-            generated = sample_continuations(model, ids[chosen], prompts[chosen], temperature=self.temperature)
+            if teacher_source is None:
+                generated = sample_continuations(source.model, ids[chosen], prompts[chosen], temperature=self.temperature)
+            else:
+                generated, mix_lp, student_lp = sample_mixed_continuations(
+                    source.model, teacher_source.model, ids[chosen], prompts[chosen], teacher_mix=self.teacher_mix,
+                    temperature=self.temperature)  # (b, T) each
         finally:
             for module, training in was_training.items():
                 module.train(training)
@@ -176,4 +280,10 @@ class OnPolicy:
         out["labels"] = labels.clone()
         out["labels"][chosen] = new_labels
         out.update(next_token_targets(out["labels"]))
+        if teacher_source is not None:
+            # Aligned with target: the logits at t predict token t + 1, so position t holds token t + 1's values.
+            for key, per_token in (("sample_logprob", mix_lp), ("student_logprob", student_lp)):
+                aligned = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (B, T)
+                aligned[chosen, :-1] = per_token[:, 1:]
+                out[key] = aligned
         return out

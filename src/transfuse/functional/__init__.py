@@ -25,7 +25,7 @@ Methods added one module each (their public names are re-exported here from each
 :mod:`.tgeo` (TGeo-KD), :mod:`.trg` (TRG), :mod:`.scalekd` (ScaleKD), :mod:`.crkd` (Cr-KD,
 Sinkhorn, UNO's swapped prediction), :mod:`.concentration` (Knowledge Concentration),
 :mod:`.meta_dmoe` (Meta-DMoE's inner step), :mod:`.hard` (HARD's warp and objective),
-:mod:`.knfu` (KnFu's fusion weights).
+:mod:`.knfu` (KnFu's fusion weights), :mod:`.minillm` (MiniLLM's policy-gradient objective).
 """
 
 from ._types import LabelSmoothing, NonNegative, Positive, PositiveInt, Probability, Reduction, Temperature
@@ -61,10 +61,10 @@ __all__ = [
 # Methods added one module each; every module lists its public names in __all__.
 from . import (  # noqa: E402
     concentration as _concentration, crkd as _crkd, divergences as _divergences, hard as _hard, knfu as _knfu,
-    meta_dmoe as _meta_dmoe,
+    meta_dmoe as _meta_dmoe, minillm as _minillm,
     scalekd as _scalekd, tgeo as _tgeo, trg as _trg,
 )
 
-for _module in (_concentration, _crkd, _divergences, _hard, _knfu, _meta_dmoe, _scalekd, _tgeo, _trg):
+for _module in (_concentration, _crkd, _divergences, _hard, _knfu, _meta_dmoe, _minillm, _scalekd, _tgeo, _trg):
     globals().update({_name: getattr(_module, _name) for _name in _module.__all__})
     __all__ += list(_module.__all__)

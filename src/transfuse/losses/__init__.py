@@ -19,7 +19,7 @@ options model built from the typed signature, and the module to build
 ``docs/methods.md`` gives each one's formula, options, default weights and paper.
 """
 
-from . import concentration, crd, crkd, ctkd, divergences, scalekd, tgeo, trg  # noqa: F401
+from . import concentration, crd, crkd, ctkd, divergences, minillm, scalekd, tgeo, trg  # noqa: F401
 from . import features, hard_labels, logits, mixkd, online, relations, selective, taid  # noqa: F401  (registration happens on import)
 from .base import LOSSES, LossSpec, ScheduleDefault, describe_losses, register_loss
 from .crd import CRD
