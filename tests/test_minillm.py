@@ -154,18 +154,9 @@ from transfuse.models import build_model  # noqa: E402
 from transfuse.on_policy import OnPolicy, sample_continuations, sample_mixed_continuations  # noqa: E402
 from transfuse.participants import Participant  # noqa: E402
 from transfuse.run import run  # noqa: E402
+from test_on_policy import VOCAB, _Always  # noqa: E402  (one always-token-7 model for the on-policy tests)
 
-VOCAB, T = 20, 10
-
-
-class _Always(nn.Module):
-    """A 'language model' that puts (almost) all mass on token 7."""
-
-    def forward(self, x):
-        ids = x["input_ids"] if isinstance(x, dict) else x
-        logits = torch.full((*ids.shape, VOCAB), -30.0)
-        logits[..., 7] = 30.0
-        return logits
+T = 10
 
 
 def _lm(seed: int) -> nn.Module:
