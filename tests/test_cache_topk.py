@@ -283,3 +283,18 @@ def test_an_ensemble_over_a_top_k_cache_is_refused_and_a_dense_reader_of_another
         check_topk_readers(sources, [("kd", fkl, Ref("student"), Ref("teachers"))])
     with pytest.raises(CacheMismatchError, match=r"term 'hint' \(fitnet: student.logits -> teacher.logits\)"):
         check_topk_readers(sources, [("hint", fitnet, Ref("student"), Ref("teacher"))])
+
+
+def test_cache_teacher_refuses_top_k_for_a_config_whose_terms_need_the_full_distribution(tmp_path):
+    """Refused before the teacher is trained or run: nothing is written."""
+    from transfuse.cache_teacher import cache_teacher
+    from transfuse.config import config_from_dict
+    from transfuse.errors import UserError
+
+    cfg = config_from_dict(_lm_config(tmp_path, method="taid"))
+    with pytest.raises(UserError, match="term 'taid' reads teacher.logits with loss 'taid'.*fkl"):
+        cache_teacher(cfg, tmp_path / "c", topk=4, quiet=True)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "teachers").exists()
+    ddp = config_from_dict({**_lm_config(tmp_path), "fabric": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
+    with pytest.raises(UserError, match="one process; this config runs 2 processes"):
+        cache_teacher(ddp, tmp_path / "c", quiet=True)

@@ -50,6 +50,25 @@ def cached_fields(cfg: RunConfig, name: str) -> list[str]:
     return sorted(fields)
 
 
+def check_topk_readers_of_config(cfg: RunConfig, name: str, topk: int) -> None:
+    """Refuse ``--topk`` when a term of ``cfg`` reads participant ``name``'s logits with a loss
+    that cannot use a top-k teacher, or an ensemble combines them: the cache would be
+    written (the teacher trained and run) only for the run to refuse it."""
+    from .losses import LOSSES
+    from .losses.divergences import accepts_topk, topk_losses
+
+    for tc in cfg.resolved_terms():
+        refs = [Ref.parse(r) for r in tc.refs() if r is not None]
+        if any(r.source == name and r.field == LOGITS for r in refs) and not accepts_topk(LOSSES.get(tc.loss)):
+            raise UserError(f"--topk {topk}: term {tc.name or tc.loss!r} reads {name}.logits with loss {tc.loss!r}, "
+                            f"which needs the full distribution; the losses that accept a top-k teacher are "
+                            f"{', '.join(topk_losses())}. Cache without --topk, or change the term")
+    for source_name, source in cfg.resolved_sources().items():
+        if name in source.members:
+            raise UserError(f"--topk {topk}: source {source_name!r} combines {name}'s logits with other members, "
+                            "which needs the full distribution; cache without --topk")
+
+
 def field_encoding(field: str, shape: tuple[int, ...], *, dtype: str, topk: int | None) -> dict:
     """The encoding of one cached field: dense in ``dtype``, or with ``topk`` for ``logits``
     ``(..., V)``: its top ``topk`` tokens (``1 <= topk <= V``). UserError naming the field otherwise."""
@@ -84,8 +103,13 @@ def cache_teacher(cfg: RunConfig, out_dir: str | Path, *, participant: str = "te
         raise UserError(f"--topk {topk!r}: expected an integer >= 1 (the tokens kept per position)")
     if Path(out_dir).exists() and not overwrite:
         raise UserError(f"--out {str(out_dir)!r} already exists; pass --overwrite to replace it, or choose another folder")
+    if topk is not None:
+        check_topk_readers_of_config(cfg, participant, topk)
     pcfg = cfg.participants[participant].model_copy(update={"cache": None})
     fabric = make_fabric(cfg.fabric)
+    if fabric.world_size > 1:
+        raise UserError(f"cache-teacher writes one folder from one process; this config runs {fabric.world_size} "
+                        "processes: cache with --set fabric.devices=1 (the run that reads the cache may use more)")
     splits = load_splits(cfg.data)
     pool = cache_pool(cfg.data, splits)
     fields = cached_fields(cfg, participant)
