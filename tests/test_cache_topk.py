@@ -285,8 +285,11 @@ def test_an_ensemble_over_a_top_k_cache_is_refused_and_a_dense_reader_of_another
         check_topk_readers(sources, [("hint", fitnet, Ref("student"), Ref("teacher"))])
 
 
-def test_cache_teacher_refuses_top_k_for_a_config_whose_terms_need_the_full_distribution(tmp_path):
+def test_cache_teacher_refuses_top_k_for_a_config_whose_terms_need_the_full_distribution(tmp_path, monkeypatch):
     """Refused before the teacher is trained or run: nothing is written."""
+    from types import SimpleNamespace
+
+    import transfuse.cache_teacher as cache_teacher_module
     from transfuse.cache_teacher import cache_teacher
     from transfuse.config import config_from_dict
     from transfuse.errors import UserError
@@ -295,6 +298,8 @@ def test_cache_teacher_refuses_top_k_for_a_config_whose_terms_need_the_full_dist
     with pytest.raises(UserError, match="term 'taid' reads teacher.logits with loss 'taid'.*fkl"):
         cache_teacher(cfg, tmp_path / "c", topk=4, quiet=True)
     assert not (tmp_path / "c").exists() and not (tmp_path / "teachers").exists()
-    ddp = config_from_dict({**_lm_config(tmp_path), "fabric": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}})
+    # Several processes: a stand-in for the Fabric (a real DDP Fabric would set process-wide
+    # distributed state that later tests' subprocesses would inherit).
+    monkeypatch.setattr(cache_teacher_module, "make_fabric", lambda _cfg: SimpleNamespace(world_size=2))
     with pytest.raises(UserError, match="one process; this config runs 2 processes"):
-        cache_teacher(ddp, tmp_path / "c", quiet=True)
+        cache_teacher(config_from_dict(_lm_config(tmp_path)), tmp_path / "c", quiet=True)
