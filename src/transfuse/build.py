@@ -535,12 +535,12 @@ def teacher_cache_key(cfg: RunConfig, name: str = "teacher") -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _digest(path: str, stamp: tuple) -> str:
-    # ``stamp`` (every file's size and mtime) is only the cache key: a changed folder is hashed again.
+def _digest(root: str, stamp: tuple) -> str:
+    # ``stamp``: (file, size, mtime) of every file, sorted; its sizes and times make a changed folder a cache miss.
     from .cache import file_sha256
 
-    files = sorted(f for f in Path(path).rglob("*") if f.is_file())
-    return hashlib.sha256(json.dumps([[str(f.relative_to(path)), file_sha256(f)] for f in files]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([[str(Path(f).relative_to(root)), file_sha256(f)] for f, _, _ in stamp])
+                          .encode()).hexdigest()
 
 
 def folder_digest(path: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .data.text import IGNORE_INDEX, next_token_targets
+from .data.text import IGNORE_INDEX, next_token_targets, prompt_ends
 from .functional._types import NonNegative, Probability
 from .models.causal_lm import CausalLM
 from .models.outputs import call_model
@@ -42,10 +42,7 @@ def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor, prompt_t
     position of the first labelled token (a prompt/completion row's prompt). ``(B,)``."""
     if prompt_tokens is not None:
         return torch.full((labels.shape[0],), prompt_tokens, dtype=torch.long, device=labels.device)
-    labelled = (labels != IGNORE_INDEX) & attention_mask.bool()  # (B, T)
-    first = torch.where(labelled.any(-1), labelled.float().argmax(-1), torch.full_like(labelled[:, 0], labels.shape[1],
-                                                                                       dtype=torch.long))
-    return first.clamp(min=1)  # at least one token to condition on
+    return prompt_ends(labels, attention_mask).clamp(min=1)  # at least one token to condition on
 
 
 def _draw(logits: torch.Tensor, temperature: float) -> torch.Tensor:

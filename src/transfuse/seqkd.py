@@ -44,7 +44,7 @@ from .atomic import give_default_mode, write_atomic
 from .cache.hashing import fingerprint
 from .cache.layout import abandoned_siblings, temp_sibling
 from .cache.npyfile import fsync_path
-from .data.text import IGNORE_INDEX, TokenRows
+from .data.text import IGNORE_INDEX, TokenRows, prompt_ends
 from .errors import UserError
 from .progress import Progress
 
@@ -87,8 +87,7 @@ def prompt_lengths(rows: TokenRows, prompt_tokens: int | None) -> torch.Tensor:
             raise GenerationsError(f"prompt_tokens must be an integer in [1, {length - 1}] for rows of {length} "
                                    f"tokens (at least one to condition on, one to generate); got {prompt_tokens!r}")
         return torch.full((n,), prompt_tokens, dtype=torch.long)
-    labelled = (rows.labels != IGNORE_INDEX) & rows.attention_mask.bool()  # (N, T)
-    first = torch.where(labelled.any(-1), labelled.long().argmax(-1), torch.full((n,), length))  # (N,)
+    first = prompt_ends(rows.labels, rows.attention_mask)  # (N,)
     without = torch.nonzero(first == 0).flatten()
     if len(without):
         raise GenerationsError(

@@ -173,6 +173,17 @@ class TokenRows(Dataset):
 PREDICTED = "predicted"
 
 
+def prompt_ends(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, where its prompt ends: the position of its first labelled, attended token
+    ``(N,)`` (a prompt/completion row's prompt length; 0 for plain text, every token
+    labelled; the row length for a row without any labelled token). ``labels`` and
+    ``attention_mask`` ``(N, T)``."""
+    labelled = (labels != IGNORE_INDEX) & attention_mask.bool()  # (N, T)
+    # argmax returns the first of equal maxima: the first labelled position.
+    return torch.where(labelled.any(-1), labelled.long().argmax(-1),
+                       torch.full_like(labelled[:, 0], labels.shape[1], dtype=torch.long))
+
+
 def next_token_targets(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"target", "predicted"}`` of unshifted ``labels`` ``(..., T)``, both ``(..., T)``.
 
@@ -286,4 +297,4 @@ def prompt_completion_rows(
     return TokenRows(input_ids, attention_mask, labels, vocab_size=vocab_size, name=name)
 
 
-__all__ = ["IGNORE_INDEX", "TOKEN_KEYS", "TokenRows", "pack_stream", "prompt_completion_rows", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "TOKEN_KEYS", "TokenRows", "pack_stream", "prompt_completion_rows", "prompt_ends", "shift_labels"]
